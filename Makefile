@@ -1,0 +1,33 @@
+# Set-up is two commands: `make run` and `make test`. Both build .venv on first use.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+TORCH   := torch==2.13.0
+RUNS    ?= runs
+
+.PHONY: run test test-fast ui install clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --upgrade --quiet pip
+
+# torch first, pinned: a bare `torch` resolved by pip pulls a multi-GB CUDA build.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install $(TORCH)
+	$(BIN)/pip install -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/unislim run pipeline.yaml --runs-dir $(RUNS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+ui: $(STAMP)
+	$(BIN)/unislim ui --runs-dir $(RUNS)
+
+clean:
+	rm -rf $(VENV)

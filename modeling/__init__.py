@@ -1,0 +1,1 @@
+"""Everything that touches a model; knows nothing of Ray or MLflow."""

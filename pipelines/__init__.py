@@ -1,0 +1,1 @@
+"""Pipeline wiring: config → Ray DAG of stages, stage cache, MLflow run tree."""

@@ -1,0 +1,1 @@
+"""Stages: one file each, `run(cfg, inputs, ctx) -> outputs`."""
