@@ -1,1 +1,3 @@
-"""unislim."""
+"""unislim: compress unified multimodal transformers."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,50 @@
+"""What a stage gets besides its config and inputs: where to write, how to report.
+
+A plain picklable dataclass, so it crosses into Ray tasks and Ray Train workers. A test can
+build one by hand (`StageContext.local("score", tmp_path)`) and call a stage without Ray or MLflow:
+with no `run_id`, `log_metrics` does nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class StageContext:
+    stage: str
+    key: str
+    out_dir: Path  # the (temp) folder this stage writes into
+    runs_dir: Path
+    tracking_uri: str | None = None
+    run_id: str | None = None  # this stage's MLflow child run
+    started: float = field(default_factory=time.time)
+
+    @classmethod
+    def local(cls, stage: str, out_dir: str | Path) -> StageContext:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        return cls(stage=stage, key="local", out_dir=out_dir, runs_dir=out_dir)
+
+    def progress(self, message: str) -> None:
+        """One progress line: `[stage]  12.3s  message`."""
+        print(f"[{self.stage}] {time.time() - self.started:7.1f}s  {message}", flush=True)
+
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        """Live metrics into this stage's MLflow run (call from the driver task or rank 0 only)."""
+        if self.run_id and self.tracking_uri:
+            from . import tracking
+
+            tracking.log_metrics(self.tracking_uri, self.run_id, metrics, step)
+
+    @property
+    def train_run_name(self) -> str:
+        """Ray Train run name: stable across reruns of the same cache key, so a rerun resumes."""
+        return f"{self.stage}-{self.key}"
+
+    @property
+    def train_storage(self) -> str:
+        return str((Path(self.runs_dir) / "ray_train").resolve())

@@ -1,0 +1,259 @@
+"""`unislim run`: the config's stages as a DAG of Ray tasks chained by ObjectRefs.
+
+Each stage is one `num_cpus=0` Ray task whose arguments are its upstream stages' ObjectRefs, so
+Ray orders them and runs independent branches at once; the heavy work inside a stage (Ray Train
+workers, Ray Data actors, Tune trials) reserves the CPUs and GPUs. A stage task first computes its
+cache key and returns the finished output if there is one; otherwise it runs the stage into a
+temp folder, commits it atomically, and logs it as a child MLflow run of the pipeline's run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import ray
+
+import unislim
+from unislim.config import PipelineConfig, flatten
+
+from . import tracking
+from .context import StageContext
+from .graph import SOURCE, StageSpec, plan, select
+from .store import Manifest, StageOutput, cache_key, hash_tree, load_complete
+
+
+class ClusterError(RuntimeError):
+    """The Ray cluster and the storage settings cannot work together."""
+
+
+@dataclass
+class Job:
+    """What every stage task of one pipeline run shares (picklable)."""
+
+    runs_dir: Path
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    force: frozenset[str] = frozenset()
+
+
+@dataclass
+class StageResult:
+    id: str
+    status: str  # ran | cached | failed | upstream-failed
+    manifest: Manifest | None = None
+    error: str | None = None
+
+
+@dataclass
+class PipelineResult:
+    stages: dict[str, StageResult] = field(default_factory=dict)
+    tracking_uri: str = ""
+    experiment_id: str = ""
+    run_id: str = ""
+    elapsed_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return all(r.status in ("ran", "cached") for r in self.stages.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# One stage (runs inside a Ray task; a plain function so tests can call it directly)
+
+
+def execute_stage(spec: StageSpec, stage_cfg: Any, config_slice: dict, job: Job,
+                  upstream: dict[str, Manifest]) -> Manifest:
+    inputs = {name: upstream[name].artifact(output) for name, (_, output) in spec.inputs.items()}
+    input_hashes = {name: a.hash for name, a in inputs.items()}
+    key = cache_key(spec.id, config_slice, input_hashes, spec.module)
+    uri, parent = job.tracking_uri, job.parent_run_id
+    tags = {"unislim.stage": spec.id, "unislim.cache_key": key}
+    params = flatten(config_slice)
+
+    done = None if spec.id in job.force else load_complete(job.runs_dir / spec.id / key)
+    if done is not None:
+        run_id = tracking.start_run(uri, job.experiment_id, spec.id, parent=parent, params=params,
+                                    tags={**tags, "unislim.cached": "true", "unislim.output": done.dir,
+                                          "unislim.source_run_id": done.mlflow_run_id or ""})
+        tracking.log_metrics(uri, run_id, done.metrics)
+        tracking.end_run(uri, run_id, ok=True)
+        print(f"[{spec.id}] cached: {done.dir}", flush=True)
+        return done
+
+    run_id = tracking.start_run(uri, job.experiment_id, spec.id, parent=parent, params=params,
+                                tags={**tags, "unislim.cached": "false"})
+    started = time.time()
+    try:
+        with StageOutput(job.runs_dir, spec.id, key) as out:
+            ctx = StageContext(stage=spec.id, key=key, out_dir=out.tmp, runs_dir=job.runs_dir,
+                               tracking_uri=uri, run_id=run_id, started=started)
+            ctx.progress(f"starting (cache key {key})")
+            outputs = spec.module.run(stage_cfg, inputs, ctx)
+            metrics_file = out.tmp / "metrics.json"
+            metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
+            manifest = Manifest(
+                stage=spec.id, key=key, dir=str(out.final), inputs=input_hashes,
+                outputs={k: str(Path(v).resolve().relative_to(out.tmp.resolve())) if Path(v).is_absolute() else str(v)
+                         for k, v in outputs.items()},
+                metrics=metrics, mlflow_run_id=run_id, elapsed_s=round(time.time() - started, 2))
+            out.commit(manifest)
+    except BaseException:
+        tracking.end_run(uri, run_id, ok=False)
+        raise
+    tracking.log_metrics(uri, run_id, manifest.metrics)
+    tracking.set_tags(uri, run_id, {"unislim.output": manifest.dir})
+    tracking.log_folder(uri, run_id, Path(manifest.dir))
+    tracking.end_run(uri, run_id, ok=True)
+    ctx.progress(f"done in {manifest.elapsed_s:.1f}s → {manifest.dir}")
+    return manifest
+
+
+@ray.remote(num_cpus=0, max_retries=0)
+def _stage_task(spec: StageSpec, stage_cfg: Any, config_slice: dict, job: Job, *upstream: Manifest) -> Manifest:
+    return execute_stage(spec, stage_cfg, config_slice, job, dict(zip(spec.inputs, upstream)))
+
+
+def source_manifest(path: str) -> Manifest:
+    """A user checkpoint as if a stage had produced it (its hash keys the stages that read it)."""
+    folder = Path(path).resolve()
+    if not folder.exists():
+        raise FileNotFoundError(f"model.path: {path} does not exist")
+    return Manifest(stage=SOURCE, key="path", dir=str(folder), outputs={"checkpoint": "."},
+                    files=hash_tree(folder), cached=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline (driver)
+
+
+def run_pipeline(cfg: PipelineConfig, *, runs_dir: str | Path = "runs", only: list[str] = (),
+                 force: list[str] = (), address: str | None = None,
+                 tracking_uri: str | None = None) -> PipelineResult:
+    t0 = time.time()
+    specs = plan(cfg)
+    if only:
+        specs = select(specs, list(only))
+    bad = sorted(set(force) - {s.id for s in specs})
+    if bad:
+        raise ValueError(f"--force: unknown stage(s) {bad}; this run has {[s.id for s in specs]}")
+    runs_dir = Path(runs_dir).resolve()
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    uri = tracking.default_tracking_uri(runs_dir, tracking_uri)
+
+    started_ray = _connect_ray(address)
+    try:
+        _check_cluster(uri, runs_dir)
+        exp_id = tracking.ensure_experiment(uri, cfg.experiment, runs_dir)
+        parent = tracking.start_run(
+            uri, exp_id, f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}", params=flatten(cfg),
+            tags={"unislim.config_hash": cfg.digest(), "unislim.git_sha": tracking.git_sha(),
+                  "unislim.version": unislim.__version__, "unislim.runs_dir": str(runs_dir)})
+        tracking.log_dict(uri, parent, cfg.model_dump(mode="json"), "config.yaml")
+        result = PipelineResult(tracking_uri=uri, experiment_id=exp_id, run_id=parent)
+        job = Job(runs_dir, uri, exp_id, parent, frozenset(force))
+        try:
+            _run_graph(cfg, specs, job, result)
+        finally:
+            tracking.end_run(uri, parent, ok=result.ok)
+            result.elapsed_s = time.time() - t0
+    finally:
+        if started_ray:
+            ray.shutdown()
+    print(summary(specs, result), flush=True)
+    return result
+
+
+def _run_graph(cfg: PipelineConfig, specs: list[StageSpec], job: Job, result: PipelineResult) -> None:
+    refs: dict[str, ray.ObjectRef] = {}
+    if cfg.model.source == "path":
+        refs[SOURCE] = ray.put(source_manifest(cfg.model.path))
+    for spec in specs:
+        upstream = [refs[stage] for stage, _ in spec.inputs.values()]
+        refs[spec.id] = _stage_task.options(name=f"stage:{spec.id}").remote(
+            spec, spec.config(cfg), spec.config_slice(cfg), job, *upstream)
+    pending = {refs[s.id]: s for s in specs}
+    try:
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            spec = pending.pop(ready[0])
+            try:
+                manifest = ray.get(ready[0])
+                result.stages[spec.id] = StageResult(spec.id, "cached" if manifest.cached else "ran", manifest)
+            except Exception as e:  # noqa: BLE001 - reported in the summary, the run goes on
+                failed_up = [u for u, _ in spec.inputs.values()
+                             if u in result.stages and result.stages[u].status != "ran"
+                             and result.stages[u].status != "cached"]
+                status = "upstream-failed" if failed_up else "failed"
+                result.stages[spec.id] = StageResult(spec.id, status, error=_short_error(e))
+                if status == "failed":
+                    print(f"[{spec.id}] FAILED: {_short_error(e)}", flush=True)
+    except KeyboardInterrupt:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        raise
+
+
+def _short_error(e: BaseException) -> str:
+    cause = getattr(e, "cause", None) or e
+    text = "".join(traceback.format_exception_only(type(cause), cause)).strip()
+    return text.splitlines()[-1][:300] if text else repr(e)
+
+
+def _connect_ray(address: str | None) -> bool:
+    """Join the given cluster (or RAY_ADDRESS), or start a local one; True if we started it."""
+    if ray.is_initialized():
+        return False
+    ray.init(address=address, log_to_driver=True)
+    return True
+
+
+def _check_cluster(uri: str, runs_dir: Path) -> None:
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) > 1 and tracking.is_local_store(uri):
+        raise ClusterError(
+            f"the Ray cluster has {len(nodes)} nodes but the MLflow tracking URI is a local store ({uri}): "
+            "stages on other nodes cannot write to it. Start an MLflow server and pass --tracking-uri "
+            f"http://HOST:5000 (or set MLFLOW_TRACKING_URI), and put --runs-dir (now {runs_dir}) on storage "
+            "every node mounts (NFS, or an S3 mount). See cluster/README.md.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Summary
+
+_HEADLINE = ("mme/overall", "geneval/overall", "fid/gen", "params/active", "speedup/und", "speedup/gen",
+             "train/loss", "train/time_s")
+
+
+def summary(specs: list[StageSpec], result: PipelineResult) -> str:
+    rows = [("stage", "status", "time", "cache key", "output")]
+    for spec in specs:
+        r = result.stages.get(spec.id, StageResult(spec.id, "not-run"))
+        m = r.manifest
+        took = f"{m.elapsed_s:.1f}s" if m and r.status == "ran" else (f"(ran {m.elapsed_s:.1f}s)" if m else "-")
+        rows.append((spec.id, r.status, took, m.key if m else "-", m.dir if m else (r.error or "-")))
+    widths = [max(len(str(row[i])) for row in rows) for i in range(4)]
+    lines = ["", "  ".join(str(c).ljust(w) for c, w in zip(rows[0][:4], widths)) + "  " + rows[0][4]]
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(row[:4], widths)) + "  " + str(row[4]) for row in rows[1:]]
+    for spec in specs:
+        r = result.stages.get(spec.id)
+        headline = {k: v for k, v in (r.manifest.metrics if r and r.manifest else {}).items() if k in _HEADLINE}
+        if headline:
+            lines.append(f"  {spec.id}: " + "  ".join(f"{k}={_fmt(v)}" for k, v in headline.items()))
+    ok = "ok" if result.ok else "FAILED"
+    lines.append(f"pipeline {ok} in {result.elapsed_s:.1f}s")
+    lines.append(f"MLflow: {result.tracking_uri}  run {result.run_id}")
+    lines.append(f"  browse: `make ui`, then {tracking.run_url(result.tracking_uri, result.experiment_id, result.run_id)}")
+    return "\n".join(lines)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)

@@ -1,0 +1,100 @@
+"""The MLflow run tree: one parent run per pipeline run, one child run per stage.
+
+Only the driver and the stage driver tasks call this module (through `StageContext` for live
+metrics); `modeling/` and the stages themselves never import MLflow. Everything goes through an
+explicit `MlflowClient(tracking_uri)` and run ids, never the fluent global "active run", so it is
+safe from any process of the Ray job.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+PARENT_TAG = "mlflow.parentRunId"
+RUN_NAME_TAG = "mlflow.runName"
+_BATCH = 100  # MLflow's per-request limit on params / metrics
+
+
+def default_tracking_uri(runs_dir: Path, uri: str | None = None) -> str:
+    """`--tracking-uri`, else `MLFLOW_TRACKING_URI`, else `sqlite:///<runs-dir>/mlflow.db`."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    return uri or f"sqlite:///{Path(runs_dir).resolve() / 'mlflow.db'}"
+
+
+def is_local_store(uri: str) -> bool:
+    return uri.startswith(("sqlite:", "file:")) or "://" not in uri
+
+
+def ensure_experiment(uri: str, name: str, runs_dir: Path) -> str:
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = (Path(runs_dir).resolve() / "artifacts").as_uri() if is_local_store(uri) else None
+    return client.create_experiment(name, artifact_location=location)
+
+
+def git_sha() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
+                             timeout=5, cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def start_run(uri: str, experiment_id: str, name: str, tags: dict[str, str],
+              params: dict[str, Any] | None = None, parent: str | None = None) -> str:
+    client = MlflowClient(uri)
+    tags = {**tags, RUN_NAME_TAG: name}
+    if parent:
+        tags[PARENT_TAG] = parent
+    run = client.create_run(experiment_id, run_name=name, tags=tags)
+    log_params(uri, run.info.run_id, params or {})
+    return run.info.run_id
+
+
+def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
+    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    client = MlflowClient(uri)
+    for i in range(0, len(items), _BATCH):
+        client.log_batch(run_id, params=items[i:i + _BATCH])
+
+
+def log_metrics(uri: str, run_id: str, metrics: dict[str, Any], step: int | None = None) -> None:
+    """Log the numeric entries of `metrics` (others are skipped)."""
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()
+             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+    client = MlflowClient(uri)
+    for i in range(0, len(items), _BATCH):
+        client.log_batch(run_id, metrics=items[i:i + _BATCH])
+
+
+def set_tags(uri: str, run_id: str, tags: dict[str, str]) -> None:
+    MlflowClient(uri).log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def log_dict(uri: str, run_id: str, data: dict, path: str) -> None:
+    MlflowClient(uri).log_dict(run_id, data, path)
+
+
+def log_folder(uri: str, run_id: str, folder: Path) -> None:
+    MlflowClient(uri).log_artifacts(run_id, str(folder))
+
+
+def end_run(uri: str, run_id: str, ok: bool) -> None:
+    MlflowClient(uri).set_terminated(run_id, "FINISHED" if ok else "FAILED")
+
+
+def run_url(uri: str, experiment_id: str, run_id: str, ui: str = "http://127.0.0.1:5000") -> str:
+    base = uri.rstrip("/") if uri.startswith("http") else ui
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"

@@ -1,0 +1,56 @@
+"""Shared fixtures: one Ray cluster per test session, one tiny pipeline run reused by many tests."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The smallest pipeline that exercises every stage: the tiny reference model, a few steps.
+TINY_PIPELINE = {
+    "name": "test",
+    "experiment": "unislim-test",
+    "seed": 0,
+    "model": {"source": "reference", "size": "tiny", "variant": "shared"},
+    "pretrain": {"steps": 40, "batch_size": 16, "lr": 3e-3, "warmup_steps": 5, "checkpoint_every": 20,
+                 "log_every": 10, "num_workers": 1, "cpus_per_worker": 1},
+    "evaluate": {"n_und": 3, "n_gen": 2, "steps": 4, "seed": 0},
+}
+
+
+def tiny_pipeline(**sections) -> dict:
+    """A copy of TINY_PIPELINE with sections updated (`pretrain={"steps": 10}`)."""
+    data = copy.deepcopy(TINY_PIPELINE)
+    for name, values in sections.items():
+        if isinstance(values, dict):
+            data[name].update(values)
+        else:
+            data[name] = values
+    return data
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """The session's one local Ray cluster (2 CPUs); yields its GCS address for subprocesses."""
+    import ray
+
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_run(ray_cluster, tmp_path_factory):
+    """One tiny pipeline run (pretrain → evaluate) shared by the tests that only read its outputs."""
+    from unislim.config import load_config
+    from unislim.pipelines.runner import run_pipeline
+
+    runs = tmp_path_factory.mktemp("tiny-runs")
+    result = run_pipeline(load_config(data=tiny_pipeline()), runs_dir=runs)
+    assert result.ok, result.stages
+    return runs, result

@@ -1,0 +1,178 @@
+"""The typed, validated `pipeline.yaml`.
+
+Every section is a pydantic v2 model with `extra="forbid"` and bounds on every number;
+cross-field rules live in model validators. `load_config` collects *every* problem in one
+`ConfigError` whose lines read `pretrain.warmup_steps: must be < pretrain.steps (got 500 >= 100)`,
+so a user fixes a file in one pass. Nothing here starts Ray or touches MLflow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A pipeline file (or its overrides) is invalid; `errors` holds one line per problem."""
+
+    def __init__(self, source: str, errors: list[str]):
+        self.source = source
+        self.errors = errors
+        super().__init__(f"{source}: {len(errors)} error(s)\n" + "\n".join(f"  {e}" for e in errors))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+def _rule(ok: bool, field: str, message: str) -> None:
+    """Raise a cross-field error that `load_config` reports under `<section>.<field>`."""
+    if not ok:
+        raise ValueError(f"@{field}: {message}")
+
+
+class ModelConfig(_Section):
+    source: Literal["reference", "path"] = Field(
+        "reference", description="`reference`: train the embedded digits model; `path`: load a checkpoint")
+    path: str | None = Field(None, description="local Hugging Face checkpoint folder (source=path)")
+    size: Literal["tiny", "small"] = Field("small", description="reference model size (tiny is for tests)")
+    variant: Literal["shared", "mot"] = Field(
+        "shared", description="shared weights for all tokens, or per-modality copies (mixture-of-transformers)")
+    trust_remote_code: bool = Field(False, description="allow a checkpoint's own modeling code to run")
+
+    @model_validator(mode="after")
+    def _path_matches_source(self) -> ModelConfig:
+        _rule((self.source == "path") == (self.path is not None), "path",
+              f"is required when source is 'path' and not allowed otherwise (source={self.source!r}, path={self.path!r})")
+        return self
+
+
+class PretrainConfig(_Section):
+    enabled: bool = Field(True, description="train the reference model (only with model.source=reference)")
+    steps: int = Field(3000, ge=1, le=1_000_000, description="optimizer steps")
+    batch_size: int = Field(64, ge=1, le=65_536, description="global batch (split evenly across workers)")
+    lr: float = Field(1e-3, gt=0, le=1.0, description="peak learning rate (AdamW, warmup then cosine)")
+    warmup_steps: int = Field(100, ge=0, le=1_000_000, description="linear warmup steps")
+    num_workers: int = Field(1, ge=1, le=1024, description="Ray Train data-parallel workers")
+    cpus_per_worker: float = Field(1.0, gt=0, le=256, description="CPUs each Ray Train worker reserves")
+    use_gpu: bool = Field(False, description="one GPU per worker")
+    checkpoint_every: int = Field(500, ge=1, le=1_000_000, description="report a resumable checkpoint every N steps")
+    log_every: int = Field(50, ge=1, le=1_000_000, description="log training metrics every N steps")
+    max_failures: int = Field(0, ge=-1, le=1000, description="worker-group restarts Ray Train allows (-1: unlimited)")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PretrainConfig:
+        _rule(self.warmup_steps < self.steps, "warmup_steps",
+              f"must be < pretrain.steps (got {self.warmup_steps} >= {self.steps})")
+        _rule(self.batch_size % self.num_workers == 0, "batch_size",
+              f"must be divisible by pretrain.num_workers (got {self.batch_size} % {self.num_workers} != 0)")
+        return self
+
+
+class EvaluateConfig(_Section):
+    enabled: bool = Field(True, description="evaluate every checkpoint the pipeline produces")
+    n_und: int = Field(40, ge=1, le=100_000, description="held-out samples per understanding question type")
+    n_gen: int = Field(24, ge=1, le=100_000, description="prompts per GenEval category")
+    steps: int = Field(20, ge=1, le=1000, description="denoising steps")
+    cfg_scale: float | None = Field(None, ge=1.0, le=50.0, description="CFG scale (null: the model's default)")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="seed for prompts, scenes and noise")
+
+
+class PipelineConfig(_Section):
+    name: str = Field("default", min_length=1, max_length=100, description="MLflow run name prefix")
+    experiment: str = Field("unislim", min_length=1, max_length=200, description="MLflow experiment")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="global seed")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="what to compress")
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig, description="reference model training")
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="evaluation")
+
+    @model_validator(mode="after")
+    def _pretrain_needs_reference(self) -> PipelineConfig:
+        _rule(not (self.pretrain.enabled and self.model.source != "reference"), "pretrain.enabled",
+              f"pretraining only applies to model.source='reference' (got source={self.model.source!r})")
+        return self
+
+    def digest(self) -> str:
+        """Short hash of the resolved config (an MLflow tag)."""
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:12]
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _format(err: dict[str, Any]) -> str:
+    loc = [str(p) for p in err["loc"]]
+    msg = err["msg"]
+    if msg.startswith("Value error, @"):  # a `_rule`: "@field: message"
+        field, _, msg = msg[len("Value error, @"):].partition(": ")
+        loc = loc + field.split(".")  # the field is relative to the section that raised
+    elif err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], dict):
+        msg = f"{msg} (got {err['input']!r})"
+    return f"{'.'.join(loc) or '<root>'}: {msg}"
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> list[str]:
+    """Apply `a.b.c=value` overrides in place (values parsed as YAML); return errors."""
+    errors = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            errors.append(f"{item}: override must look like key=value (e.g. pretrain.lr=3e-4)")
+            continue
+        parts = key.split(".")
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                errors.append(f"{'.'.join(parts[:i + 1])}: is not a section, cannot set {key}")
+                break
+            node = child
+        else:
+            node[parts[-1]] = yaml.safe_load(raw) if raw != "" else None
+    return errors
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                data: dict[str, Any] | None = None) -> PipelineConfig:
+    """Read, override and validate a pipeline file; raise `ConfigError` listing every problem."""
+    source = str(path) if path is not None else "<config>"
+    if data is None:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(source, [f"{source}: file not found"]) from None
+        except yaml.YAMLError as e:
+            raise ConfigError(source, [f"{source}: not valid YAML ({e})"]) from None
+    if not isinstance(data, dict):
+        raise ConfigError(source, ["<root>: must be a mapping of sections"])
+    errors = apply_overrides(data, overrides or [])
+    try:
+        cfg = PipelineConfig.model_validate(data)
+    except ValidationError as e:
+        errors += [_format(err) for err in e.errors()]
+        cfg = None
+    if errors:
+        raise ConfigError(source, errors)
+    return cfg
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """`{"a": {"b": 1}}` → `{"a.b": 1}` (MLflow params)."""
+    if isinstance(obj, BaseModel):
+        obj = obj.model_dump(mode="json")
+    out: dict[str, Any] = {}
+    for k, v in obj.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
