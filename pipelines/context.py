@@ -7,6 +7,7 @@ with no `run_id`, `log_metrics` does nothing.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,9 @@ class StageContext:
 
     def progress(self, message: str) -> None:
         """One progress line: `[stage]  12.3s  message`."""
-        print(f"[{self.stage}] {time.time() - self.started:7.1f}s  {message}", flush=True)
+        # sys.stdout.write, not print: Ray Train V2 tees print() into its logger (each line twice)
+        sys.stdout.write(f"[{self.stage}] {time.time() - self.started:7.1f}s  {message}\n")
+        sys.stdout.flush()
 
     def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
         """Live metrics into this stage's MLflow run (call from the driver task or rank 0 only)."""

@@ -193,7 +193,7 @@ def _run_graph(cfg: PipelineConfig, specs: list[StageSpec], job: Job, result: Pi
                 status = "upstream-failed" if failed_up else "failed"
                 result.stages[spec.id] = StageResult(spec.id, status, error=_short_error(e))
                 if status == "failed":
-                    print(f"[{spec.id}] FAILED: {_short_error(e)}", flush=True)
+                    print(f"[{spec.id}] FAILED:\n{e}", flush=True)
     except KeyboardInterrupt:
         for ref in pending:
             ray.cancel(ref, force=True)

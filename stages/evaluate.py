@@ -31,7 +31,7 @@ def evaluate_checkpoint(path: str | Path, *, n_und: int = 40, n_gen: int = 24, s
     """Load a checkpoint, evaluate it, and (with `out_dir`) write metrics.json, metrics.md, plots."""
     from transformers import AutoConfig, AutoModel
 
-    from unislim.modeling.reference import UniDigitsConfig, evaluate_reference
+    from unislim.modeling.reference import DigitJudge, UniDigitsConfig, evaluate_reference
 
     path = Path(path)
     if not (path / "config.json").exists():
@@ -43,6 +43,7 @@ def evaluate_checkpoint(path: str | Path, *, n_und: int = 40, n_gen: int = 24, s
     torch.set_num_threads(os.cpu_count() or 1)
     model = AutoModel.from_pretrained(path, trust_remote_code=False).eval()
     progress(f"evaluating {path} ({n_und} samples per question type, {n_gen} prompts per category, {steps} steps)")
+    DigitJudge.get()  # trained once per process, with gradients on
     metrics: dict[str, Any] = {"model": _description(path)}
     metrics.update(evaluate_reference(model, n_und=n_und, n_gen=n_gen, steps=steps, cfg_scale=cfg_scale,
                                       seed=seed, out_dir=out_dir))

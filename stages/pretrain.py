@@ -56,7 +56,8 @@ def train_loop(config: dict) -> None:
     ctx = config["ctx"]
     torch.manual_seed(config["seed"])  # identical init on every rank
     model = UniDigitsModel(reference_config(config["size"], config["variant"]))
-    optimizer, scheduler = make_optimizer(model, config["lr"], config["steps"], config["warmup_steps"])
+    optimizer, scheduler = make_optimizer(model, config["lr"], config["steps"],
+                                          warmup_frac=config["warmup_steps"] / config["steps"])
     start, history = 0, []
     with training.latest_checkpoint() as folder:
         if folder is not None:
@@ -77,7 +78,7 @@ def train_loop(config: dict) -> None:
         optimizer.step()
         scheduler.step()
         for k in sums:
-            sums[k] += float(getattr(out, k))
+            sums[k] += getattr(out, k).item()
 
         done = step + 1
         if done % config["log_every"] == 0 or done == config["steps"]:

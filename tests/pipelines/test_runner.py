@@ -1,0 +1,113 @@
+"""The Ray DAG runner end to end on the tiny pipeline: cache reuse, partial reruns, a SIGKILL
+mid-stage, and the MLflow run tree. Real Ray (the session cluster), real MLflow (sqlite)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import tiny_pipeline
+from unislim.config import load_config
+from unislim.pipelines.runner import run_pipeline
+from unislim.pipelines.store import load_complete
+
+pytestmark = pytest.mark.slow
+
+
+def _children(uri: str, parent_run_id: str) -> dict[str, object]:
+    client = MlflowClient(uri)
+    parent = client.get_run(parent_run_id)
+    runs = client.search_runs([parent.info.experiment_id],
+                              filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
+    return {r.data.tags["unislim.stage"]: r for r in runs}
+
+
+def test_mlflow_tree_of_a_run(tiny_run):
+    runs, result = tiny_run
+    client = MlflowClient(result.tracking_uri)
+    parent = client.get_run(result.run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["pretrain.steps"] == "40" and parent.data.params["model.size"] == "tiny"
+    assert "unislim.config_hash" in parent.data.tags and "unislim.git_sha" in parent.data.tags
+    assert "config.yaml" in [a.path for a in client.list_artifacts(result.run_id)]
+    children = _children(result.tracking_uri, result.run_id)
+    assert set(children) == {"pretrain", "evaluate"}
+    assert all(c.data.tags["unislim.cached"] == "false" and c.info.status == "FINISHED" for c in children.values())
+    ev = children["evaluate"]
+    metrics = json.loads((Path(result.stages["evaluate"].manifest.dir) / "metrics.json").read_text())
+    assert ev.data.metrics["mme/overall"] == pytest.approx(metrics["mme/overall"])
+    assert metrics["model"] == "reference-tiny-shared"
+    history = client.get_metric_history(children["pretrain"].info.run_id, "train/loss")
+    assert [m.step for m in history] == [10, 20, 30, 40]  # live, from rank 0
+    artifacts = {a.path for a in client.list_artifacts(children["pretrain"].info.run_id, "checkpoint")}
+    assert "checkpoint/config.json" in artifacts and "checkpoint/model.safetensors" in artifacts
+    # the runs-dir contract
+    for stage in ("pretrain", "evaluate"):
+        manifest = json.loads((Path(result.stages[stage].manifest.dir) / "manifest.json").read_text())
+        assert manifest["complete"] is True and manifest["stage"] == stage and manifest["files"]
+    assert (runs / "mlflow.db").exists() and (runs / "artifacts").is_dir()
+
+
+def test_rerun_reuses_everything_and_a_changed_setting_reruns_only_its_stage(tiny_run, tmp_path):
+    runs, first = tiny_run
+    runs = Path(shutil.copytree(runs, tmp_path / "runs"))
+    cfg = load_config(data=tiny_pipeline())
+
+    t0 = time.time()
+    again = run_pipeline(cfg, runs_dir=runs)
+    rerun_s = time.time() - t0
+    assert {k: r.status for k, r in again.stages.items()} == {"pretrain": "cached", "evaluate": "cached"}
+    assert again.stages["evaluate"].manifest.key == first.stages["evaluate"].manifest.key
+    children = _children(again.tracking_uri, again.run_id)
+    assert {k: c.data.tags["unislim.cached"] for k, c in children.items()} == {"pretrain": "true", "evaluate": "true"}
+    assert "mme/overall" in children["evaluate"].data.metrics  # a cached stage still shows its numbers
+    assert rerun_s < 0.5 * first.elapsed_s, (rerun_s, first.elapsed_s)
+
+    changed = run_pipeline(load_config(data=tiny_pipeline(evaluate={"steps": 3})), runs_dir=runs)
+    assert {k: r.status for k, r in changed.stages.items()} == {"pretrain": "cached", "evaluate": "ran"}
+
+    forced = run_pipeline(cfg, runs_dir=runs, only=["pretrain"], force=["pretrain"])
+    assert {k: r.status for k, r in forced.stages.items()} == {"pretrain": "ran"}
+
+
+def test_sigkill_mid_stage_then_rerun_completes(ray_cluster, tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_pipeline(pretrain={"steps": 600, "checkpoint_every": 20, "log_every": 10})))
+    runs = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "unislim.cli", "run", str(config), "--runs-dir", str(runs), "--address", ray_cluster]
+    env = {**os.environ, "RAY_DEDUP_LOGS": "0", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+    seen, deadline = [], time.time() + 240
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if "[pretrain]" in line and "step 60/600" in line:  # checkpoints at 20, 40 already reported
+                break
+            assert time.time() < deadline, "".join(seen[-30:])
+        else:
+            pytest.fail("run ended before the kill:\n" + "".join(seen[-30:]))
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    pretrain_dir = runs / "pretrain"
+    assert not [p for p in pretrain_dir.iterdir() if load_complete(p)]  # nothing looks complete
+
+    rerun = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert "resumed from step" in rerun.stdout  # Ray Train picked up the last checkpoint
+    finished = [p for p in pretrain_dir.iterdir() if load_complete(p)]
+    assert len(finished) == 1 and not list(pretrain_dir.glob(".tmp-*"))
+    history = json.loads((finished[0] / "history.json").read_text())
+    assert history[-1]["step"] == 600 and [h["step"] for h in history] == list(range(10, 601, 10))
+    assert load_complete(next((runs / "evaluate").iterdir())) is not None
