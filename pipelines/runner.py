@@ -228,7 +228,7 @@ def _check_cluster(uri: str, runs_dir: Path) -> None:
 # Summary
 
 _HEADLINE = ("mme/overall", "geneval/overall", "fid/gen", "params/active", "speedup/und", "speedup/gen",
-             "train/loss", "train/time_s")
+             "pretrain/final_loss", "pretrain/train_time_s")
 
 
 def summary(specs: list[StageSpec], result: PipelineResult) -> str:

@@ -42,8 +42,9 @@ def run(cfg: Any, inputs: dict, ctx: Any) -> dict[str, str]:
     (out / "history.json").write_text(json.dumps(history))
     _plot_loss(history, out / "plots" / "loss.png", description)
     last = history[-1]
-    metrics = {"train/loss": last["loss"], "train/und_loss": last["und_loss"], "train/gen_loss": last["gen_loss"],
-               "train/steps": last["step"], "train/time_s": round(sum(h["time_s"] for h in history), 2)}
+    metrics = {"pretrain/final_loss": last["loss"], "pretrain/final_und_loss": last["und_loss"],
+               "pretrain/final_gen_loss": last["gen_loss"], "pretrain/steps": last["step"],
+               "pretrain/train_time_s": round(sum(h["time_s"] for h in history), 2)}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     ctx.progress(f"final loss {last['loss']:.4f} (und {last['und_loss']:.4f}, gen {last['gen_loss']:.4f})")
     return {"checkpoint": "checkpoint", "history": "history.json"}

@@ -39,7 +39,7 @@ def ray_cluster():
     import ray
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+    ray.init(num_cpus=2, log_to_driver=True)  # with the dashboard: Ray Train's state queries use it
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
