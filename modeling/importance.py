@@ -112,6 +112,15 @@ class CalibrationRecorder:
     def __exit__(self, *exc) -> None:
         self._hooks.__exit__(*exc)
 
+    @property
+    def require_data(self) -> bool:
+        """Raise on leaving if a hooked module saw no data; turn off for a legitimately empty shard."""
+        return self._hooks.require_data
+
+    @require_data.setter
+    def require_data(self, value: bool) -> None:
+        self._hooks.require_data = value
+
     # -- accumulation
     def _add(self, key: str, value: torch.Tensor) -> None:
         value = value.detach().double().cpu()

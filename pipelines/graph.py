@@ -52,6 +52,11 @@ def plan(cfg: PipelineConfig) -> list[StageSpec]:
         checkpoint = ("pretrain", "checkpoint")
     else:
         checkpoint = (SOURCE, "checkpoint")
+    if cfg.shard.enabled:
+        specs.append(StageSpec("shard", ("shard",)))
+    if cfg.score.enabled:
+        specs.append(StageSpec("score", ("model", "score"), {
+            "calib": ("shard", "calib"), "tasks": ("shard", "tasks"), "checkpoint": checkpoint}))
     if cfg.evaluate.enabled:
         specs.append(StageSpec("evaluate", ("evaluate",), {"checkpoint": checkpoint}))
     return specs

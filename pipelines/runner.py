@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import time
-import traceback
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -201,9 +200,11 @@ def _run_graph(cfg: PipelineConfig, specs: list[StageSpec], job: Job, result: Pi
 
 
 def _short_error(e: BaseException) -> str:
-    cause = getattr(e, "cause", None) or e
-    text = "".join(traceback.format_exception_only(type(cause), cause)).strip()
-    return text.splitlines()[-1][:300] if text else repr(e)
+    """The innermost cause of a (possibly nested) Ray task error, on one line."""
+    while (inner := getattr(e, "cause", None) or e.__cause__) is not None and inner is not e:
+        e = inner
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:300]
 
 
 def _connect_ray(address: str | None) -> bool:

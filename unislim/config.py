@@ -83,18 +83,77 @@ class EvaluateConfig(_Section):
     seed: int = Field(0, ge=0, le=2**31 - 1, description="seed for prompts, scenes and noise")
 
 
+class CalibrationTask(_Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="task name (file and score names)")
+    kind: Literal["und", "gen", "text"] = Field(description="how a row runs: understanding, generation, causal LM")
+    source: Literal["reference", "parquet"] = Field("reference", description="reference task or user Parquet")
+    path: str | None = Field(None, description="Parquet file or folder (source=parquet)")
+
+    @model_validator(mode="after")
+    def _path_matches_source(self) -> CalibrationTask:
+        _rule((self.source == "parquet") == (self.path is not None), "path",
+              f"is required when source is 'parquet' and not allowed otherwise (source={self.source!r})")
+        _rule(not (self.source == "reference" and self.kind == "text"), "kind",
+              "the reference tasks are 'und' and 'gen' (use source=parquet for text)")
+        return self
+
+
+def _reference_tasks() -> list[CalibrationTask]:
+    return [CalibrationTask(name="und", kind="und"), CalibrationTask(name="gen", kind="gen")]
+
+
+class ShardConfig(_Section):
+    enabled: bool = Field(True, description="draw calibration samples (needed by score)")
+    n: int = Field(128, ge=1, le=10_000_000, description="calibration samples per task")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="sampling seed")
+    rows_per_file: int = Field(32, ge=1, le=10_000_000, description="rows per Parquet shard")
+    tasks: list[CalibrationTask] = Field(default_factory=_reference_tasks, min_length=1,
+                                         description="the calibration tasks")
+
+    @model_validator(mode="after")
+    def _unique(self) -> ShardConfig:
+        names = [t.name for t in self.tasks]
+        _rule(len(set(names)) == len(names), "tasks", f"task names must be unique (got {names})")
+        return self
+
+
+class ScoreConfig(_Section):
+    enabled: bool = Field(True, description="score layers, neurons and heads per calibration task")
+    num_workers: int = Field(2, ge=1, le=1024, description="Ray actors scoring shards in parallel")
+    cpus_per_worker: float = Field(1.0, gt=0, le=256, description="CPUs each scoring actor reserves")
+    use_gpu: bool = Field(False, description="one GPU per scoring actor")
+    batch_size: int = Field(16, ge=1, le=65_536, description="rows per forward")
+    gen_steps: int = Field(20, ge=1, le=1000, description="denoising steps per generation row")
+    step_buckets: int = Field(4, ge=1, le=1000, description="generation statistics per bucket of steps")
+    cfg_scale: float | None = Field(None, ge=1.0, le=50.0, description="CFG scale (null: the model's default)")
+    overlap_frac: float = Field(0.5, gt=0, le=1, description="top fraction of neurons in the overlap plot")
+
+    @model_validator(mode="after")
+    def _buckets(self) -> ScoreConfig:
+        _rule(self.step_buckets <= self.gen_steps, "step_buckets",
+              f"must be <= score.gen_steps (got {self.step_buckets} > {self.gen_steps})")
+        return self
+
+
 class PipelineConfig(_Section):
     name: str = Field("default", min_length=1, max_length=100, description="MLflow run name prefix")
     experiment: str = Field("unislim", min_length=1, max_length=200, description="MLflow experiment")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="global seed")
     model: ModelConfig = Field(default_factory=ModelConfig, description="what to compress")
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig, description="reference model training")
+    shard: ShardConfig = Field(default_factory=ShardConfig, description="calibration data")
+    score: ScoreConfig = Field(default_factory=ScoreConfig, description="importance scoring")
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="evaluation")
 
     @model_validator(mode="after")
     def _pretrain_needs_reference(self) -> PipelineConfig:
         _rule(not (self.pretrain.enabled and self.model.source != "reference"), "pretrain.enabled",
               f"pretraining only applies to model.source='reference' (got source={self.model.source!r})")
+        _rule(not (self.score.enabled and not self.shard.enabled), "score.enabled",
+              "scoring needs calibration data: set shard.enabled=true (or score.enabled=false)")
+        kinds = sorted({t.kind for t in self.shard.tasks})
+        _rule(not (self.shard.enabled and self.model.source == "reference" and "text" in kinds), "shard.tasks",
+              "the reference model runs 'und' and 'gen' tasks, not 'text'")
         return self
 
     def digest(self) -> str:
