@@ -57,8 +57,14 @@ def plan(cfg: PipelineConfig) -> list[StageSpec]:
     if cfg.score.enabled:
         specs.append(StageSpec("score", ("model", "score"), {
             "calib": ("shard", "calib"), "tasks": ("shard", "tasks"), "checkpoint": checkpoint}))
+    if cfg.prune.enabled:
+        specs.append(StageSpec("prune", ("model", "prune"), {"scores": ("score", "scores"), "checkpoint": checkpoint}))
     if cfg.evaluate.enabled:
         specs.append(StageSpec("evaluate", ("evaluate",), {"checkpoint": checkpoint}))
+        for stage in ("prune",):
+            if any(s.name == stage for s in specs):
+                specs.append(StageSpec("evaluate", ("evaluate",), {"checkpoint": (stage, "checkpoint")},
+                                       label=f"evaluate-{stage}"))
     return specs
 
 

@@ -18,6 +18,8 @@ TINY_PIPELINE = {
     "model": {"source": "reference", "size": "tiny", "variant": "shared"},
     "pretrain": {"steps": 40, "batch_size": 16, "lr": 3e-3, "warmup_steps": 5, "checkpoint_every": 20,
                  "log_every": 10, "num_workers": 1, "cpus_per_worker": 1},
+    "shard": {"n": 6, "rows_per_file": 3},
+    "score": {"num_workers": 1, "batch_size": 6, "gen_steps": 2, "step_buckets": 1},
     "evaluate": {"n_und": 3, "n_gen": 2, "steps": 4, "seed": 0},
 }
 

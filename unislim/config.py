@@ -135,6 +135,25 @@ class ScoreConfig(_Section):
         return self
 
 
+class PruneConfig(_Section):
+    enabled: bool = Field(True, description="training-free pruning from the scores")
+    method: Literal["neurons", "blocks", "attention", "mlp", "kv_groups"] = Field(
+        "neurons", description="what to remove: MLP neurons, whole blocks, attention or MLP sublayers, KV groups")
+    component: Literal["und", "gen", "both"] = Field("gen", description="which weights: understanding, generation, both")
+    calibration: str = Field("auto", min_length=1, max_length=64,
+                             description="scores of this task, 'all' (summed over tasks) or 'auto' (the component's own)")
+    sparsity: float = Field(0.5, ge=0.0, lt=1.0,
+                            description="fraction removed: of each MLP's neurons, of the blocks/sublayers, of KV groups")
+    keep_first_last: bool = Field(True, description="never drop the first and last block or sublayer")
+
+    @model_validator(mode="after")
+    def _supported(self) -> PruneConfig:
+        _rule(not (self.method in ("attention", "mlp") and self.component != "both"), "component",
+              f"method {self.method!r} removes the sublayer for every token: use component 'both' "
+              f"(got {self.component!r})")
+        return self
+
+
 class PipelineConfig(_Section):
     name: str = Field("default", min_length=1, max_length=100, description="MLflow run name prefix")
     experiment: str = Field("unislim", min_length=1, max_length=200, description="MLflow experiment")
@@ -143,6 +162,7 @@ class PipelineConfig(_Section):
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig, description="reference model training")
     shard: ShardConfig = Field(default_factory=ShardConfig, description="calibration data")
     score: ScoreConfig = Field(default_factory=ScoreConfig, description="importance scoring")
+    prune: PruneConfig = Field(default_factory=PruneConfig, description="training-free pruning")
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="evaluation")
 
     @model_validator(mode="after")
@@ -151,6 +171,11 @@ class PipelineConfig(_Section):
               f"pretraining only applies to model.source='reference' (got source={self.model.source!r})")
         _rule(not (self.score.enabled and not self.shard.enabled), "score.enabled",
               "scoring needs calibration data: set shard.enabled=true (or score.enabled=false)")
+        _rule(not (self.prune.enabled and not self.score.enabled), "prune.enabled",
+              "pruning needs the scores: set score.enabled=true (or prune.enabled=false)")
+        names = [t.name for t in self.shard.tasks]
+        _rule(self.prune.calibration in ("auto", "all", *names), "prune.calibration",
+              f"must be 'auto', 'all' or a task of shard.tasks {names} (got {self.prune.calibration!r})")
         kinds = sorted({t.kind for t in self.shard.tasks})
         _rule(not (self.shard.enabled and self.model.source == "reference" and "text" in kinds), "shard.tasks",
               "the reference model runs 'und' and 'gen' tasks, not 'text'")

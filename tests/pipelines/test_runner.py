@@ -41,7 +41,7 @@ def test_mlflow_tree_of_a_run(tiny_run):
     assert "unislim.config_hash" in parent.data.tags and "unislim.git_sha" in parent.data.tags
     assert "config.yaml" in [a.path for a in client.list_artifacts(result.run_id)]
     children = _children(result.tracking_uri, result.run_id)
-    assert set(children) == {"pretrain", "evaluate"}
+    assert set(children) == {"pretrain", "shard", "score", "evaluate"}
     assert all(c.data.tags["unislim.cached"] == "false" and c.info.status == "FINISHED" for c in children.values())
     ev = children["evaluate"]
     metrics = json.loads((Path(result.stages["evaluate"].manifest.dir) / "metrics.json").read_text())
@@ -52,7 +52,7 @@ def test_mlflow_tree_of_a_run(tiny_run):
     artifacts = {a.path for a in client.list_artifacts(children["pretrain"].info.run_id, "checkpoint")}
     assert "checkpoint/config.json" in artifacts and "checkpoint/model.safetensors" in artifacts
     # the runs-dir contract
-    for stage in ("pretrain", "evaluate"):
+    for stage in ("pretrain", "shard", "score", "evaluate"):
         manifest = json.loads((Path(result.stages[stage].manifest.dir) / "manifest.json").read_text())
         assert manifest["complete"] is True and manifest["stage"] == stage and manifest["files"]
     assert (runs / "mlflow.db").exists() and (runs / "artifacts").is_dir()
@@ -66,15 +66,16 @@ def test_rerun_reuses_everything_and_a_changed_setting_reruns_only_its_stage(tin
     t0 = time.time()
     again = run_pipeline(cfg, runs_dir=runs)
     rerun_s = time.time() - t0
-    assert {k: r.status for k, r in again.stages.items()} == {"pretrain": "cached", "evaluate": "cached"}
+    assert {r.status for r in again.stages.values()} == {"cached"} and len(again.stages) == 4
     assert again.stages["evaluate"].manifest.key == first.stages["evaluate"].manifest.key
     children = _children(again.tracking_uri, again.run_id)
-    assert {k: c.data.tags["unislim.cached"] for k, c in children.items()} == {"pretrain": "true", "evaluate": "true"}
+    assert {c.data.tags["unislim.cached"] for c in children.values()} == {"true"} and len(children) == 4
     assert "mme/overall" in children["evaluate"].data.metrics  # a cached stage still shows its numbers
     assert rerun_s < 0.5 * first.elapsed_s, (rerun_s, first.elapsed_s)
 
     changed = run_pipeline(load_config(data=tiny_pipeline(evaluate={"steps": 3})), runs_dir=runs)
-    assert {k: r.status for k, r in changed.stages.items()} == {"pretrain": "cached", "evaluate": "ran"}
+    assert {k: r.status for k, r in changed.stages.items()} == {
+        "pretrain": "cached", "shard": "cached", "score": "cached", "evaluate": "ran"}
 
     forced = run_pipeline(cfg, runs_dir=runs, only=["pretrain"], force=["pretrain"])
     assert {k: r.status for k, r in forced.stages.items()} == {"pretrain": "ran"}
@@ -82,7 +83,8 @@ def test_rerun_reuses_everything_and_a_changed_setting_reruns_only_its_stage(tin
 
 def test_sigkill_mid_stage_then_rerun_completes(ray_cluster, tmp_path):
     config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump(tiny_pipeline(pretrain={"steps": 600, "checkpoint_every": 20, "log_every": 10})))
+    config.write_text(yaml.safe_dump(tiny_pipeline(pretrain={"steps": 600, "checkpoint_every": 20, "log_every": 10},
+                                                   shard={"enabled": False}, score={"enabled": False})))
     runs = tmp_path / "runs"
     cmd = [sys.executable, "-m", "unislim.cli", "run", str(config), "--runs-dir", str(runs), "--address", ray_cluster]
     env = {**os.environ, "RAY_DEDUP_LOGS": "0", "PYTHONUNBUFFERED": "1"}
