@@ -20,6 +20,7 @@ TINY_PIPELINE = {
                  "log_every": 10, "num_workers": 1, "cpus_per_worker": 1},
     "shard": {"n": 6, "rows_per_file": 3},
     "score": {"num_workers": 1, "batch_size": 6, "gen_steps": 2, "step_buckets": 1},
+    "prune": {"method": "neurons", "component": "gen", "sparsity": 0.5},
     "evaluate": {"n_und": 3, "n_gen": 2, "steps": 4, "seed": 0},
 }
 
@@ -29,7 +30,7 @@ def tiny_pipeline(**sections) -> dict:
     data = copy.deepcopy(TINY_PIPELINE)
     for name, values in sections.items():
         if isinstance(values, dict):
-            data[name].update(values)
+            data.setdefault(name, {}).update(values)
         else:
             data[name] = values
     return data

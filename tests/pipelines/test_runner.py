@@ -22,6 +22,7 @@ from unislim.pipelines.runner import run_pipeline
 from unislim.pipelines.store import load_complete
 
 pytestmark = pytest.mark.slow
+STAGES = ("pretrain", "shard", "score", "prune", "evaluate", "evaluate-prune")
 
 
 def _children(uri: str, parent_run_id: str) -> dict[str, object]:
@@ -41,7 +42,7 @@ def test_mlflow_tree_of_a_run(tiny_run):
     assert "unislim.config_hash" in parent.data.tags and "unislim.git_sha" in parent.data.tags
     assert "config.yaml" in [a.path for a in client.list_artifacts(result.run_id)]
     children = _children(result.tracking_uri, result.run_id)
-    assert set(children) == {"pretrain", "shard", "score", "evaluate"}
+    assert set(children) == set(STAGES)
     assert all(c.data.tags["unislim.cached"] == "false" and c.info.status == "FINISHED" for c in children.values())
     ev = children["evaluate"]
     metrics = json.loads((Path(result.stages["evaluate"].manifest.dir) / "metrics.json").read_text())
@@ -52,7 +53,7 @@ def test_mlflow_tree_of_a_run(tiny_run):
     artifacts = {a.path for a in client.list_artifacts(children["pretrain"].info.run_id, "checkpoint")}
     assert "checkpoint/config.json" in artifacts and "checkpoint/model.safetensors" in artifacts
     # the runs-dir contract
-    for stage in ("pretrain", "shard", "score", "evaluate"):
+    for stage in STAGES:
         manifest = json.loads((Path(result.stages[stage].manifest.dir) / "manifest.json").read_text())
         assert manifest["complete"] is True and manifest["stage"] == stage and manifest["files"]
     assert (runs / "mlflow.db").exists() and (runs / "artifacts").is_dir()
@@ -66,16 +67,17 @@ def test_rerun_reuses_everything_and_a_changed_setting_reruns_only_its_stage(tin
     t0 = time.time()
     again = run_pipeline(cfg, runs_dir=runs)
     rerun_s = time.time() - t0
-    assert {r.status for r in again.stages.values()} == {"cached"} and len(again.stages) == 4
+    assert {r.status for r in again.stages.values()} == {"cached"} and set(again.stages) == set(STAGES)
     assert again.stages["evaluate"].manifest.key == first.stages["evaluate"].manifest.key
     children = _children(again.tracking_uri, again.run_id)
-    assert {c.data.tags["unislim.cached"] for c in children.values()} == {"true"} and len(children) == 4
+    assert {c.data.tags["unislim.cached"] for c in children.values()} == {"true"} and set(children) == set(STAGES)
     assert "mme/overall" in children["evaluate"].data.metrics  # a cached stage still shows its numbers
     assert rerun_s < 0.5 * first.elapsed_s, (rerun_s, first.elapsed_s)
 
     changed = run_pipeline(load_config(data=tiny_pipeline(evaluate={"steps": 3})), runs_dir=runs)
     assert {k: r.status for k, r in changed.stages.items()} == {
-        "pretrain": "cached", "shard": "cached", "score": "cached", "evaluate": "ran"}
+        "pretrain": "cached", "shard": "cached", "score": "cached", "prune": "cached",
+        "evaluate": "ran", "evaluate-prune": "ran"}
 
     forced = run_pipeline(cfg, runs_dir=runs, only=["pretrain"], force=["pretrain"])
     assert {k: r.status for k, r in forced.stages.items()} == {"pretrain": "ran"}
@@ -84,7 +86,8 @@ def test_rerun_reuses_everything_and_a_changed_setting_reruns_only_its_stage(tin
 def test_sigkill_mid_stage_then_rerun_completes(ray_cluster, tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(tiny_pipeline(pretrain={"steps": 600, "checkpoint_every": 20, "log_every": 10},
-                                                   shard={"enabled": False}, score={"enabled": False})))
+                                                   shard={"enabled": False}, score={"enabled": False},
+                                                   prune={"enabled": False})))
     runs = tmp_path / "runs"
     cmd = [sys.executable, "-m", "unislim.cli", "run", str(config), "--runs-dir", str(runs), "--address", ray_cluster]
     env = {**os.environ, "RAY_DEDUP_LOGS": "0", "PYTHONUNBUFFERED": "1"}
