@@ -8,6 +8,7 @@ half-way never leaves an output that looks complete, and a rerun finds and reuse
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import json
@@ -84,14 +85,22 @@ def hash_tree(root: Path) -> dict[str, str]:
             if p.is_file() and p.name != MANIFEST}
 
 
+@functools.lru_cache(maxsize=1)
+def modeling_code_hash() -> str:
+    """Hash of every source file under modeling/: a change to model code invalidates outputs."""
+    root = Path(__file__).resolve().parents[1] / "modeling"
+    return _sha("".join(f"{p.relative_to(root)}\n{p.read_text()}" for p in sorted(root.rglob("*.py"))))[:16]
+
+
 def cache_key(stage: str, config_slice: dict[str, Any], inputs: dict[str, str], module: Any) -> str:
-    """Hash of (stage, its config slice, its inputs' hashes, package version, stage source)."""
+    """Hash of (stage, its config slice, its inputs' hashes, package version, stage and model code)."""
     payload = {
         "stage": stage,
         "config": config_slice,
         "inputs": inputs,
         "version": unislim.__version__,
         "code": _sha(inspect.getsource(module))[:16],
+        "modeling": modeling_code_hash(),
     }
     return _sha(json.dumps(payload, sort_keys=True, default=str))[:16]
 

@@ -13,6 +13,7 @@ from transformers import PreTrainedConfig
 from .vocab import EOS, PAD, WORDS
 
 VARIANTS = ("shared", "mot")
+_LAYER_LISTS = ("skip_layers_und", "skip_layers_gen", "drop_attention_layers", "drop_mlp_layers")
 SIZES = ("tiny", "small")
 
 
@@ -29,6 +30,12 @@ class UniDigitsConfig(PreTrainedConfig):
     sample_steps/cfg_scale: sampler defaults (Euler steps, classifier-free guidance scale).
     cfg_dropout: probability that a training prompt is replaced by the null prompt.
     faint_scale: grey-level factor of a faint digit.
+
+    Set by surgery (the prune stage), so that a pruned checkpoint rebuilds itself on load:
+    intermediate_size_gen: width of `mlp_moe_gen` (mot; pinned to intermediate_size when unset).
+    skip_layers_und / skip_layers_gen: layers the understanding / generation task runs past.
+    drop_attention_layers / drop_mlp_layers: layers whose attention / MLP sublayer (with its
+        norm) is not built at all.
     """
 
     model_type = "unidigits"
@@ -55,6 +62,11 @@ class UniDigitsConfig(PreTrainedConfig):
     cfg_scale: float | int = 3.0
     cfg_dropout: float = 0.1
     faint_scale: float = 0.4
+    intermediate_size_gen: int | None = None
+    skip_layers_und: list[int] | None = None
+    skip_layers_gen: list[int] | None = None
+    drop_attention_layers: list[int] | None = None
+    drop_mlp_layers: list[int] | None = None
     tie_word_embeddings: bool = False
     pad_token_id: int | None = None
     eos_token_id: int | None = None
@@ -66,6 +78,10 @@ class UniDigitsConfig(PreTrainedConfig):
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.rope_parameters is None:
             self.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
+        if self.variant == "mot" and self.intermediate_size_gen is None:
+            self.intermediate_size_gen = self.intermediate_size  # pinned: pruning `mlp` must not resize `mlp_moe_gen`
+        for name in _LAYER_LISTS:
+            setattr(self, name, sorted(getattr(self, name) or []))
         self.pad_token_id = self.vocab.index(PAD)
         self.eos_token_id = self.vocab.index(EOS)
         super().__post_init__(**kwargs)
@@ -91,6 +107,10 @@ class UniDigitsConfig(PreTrainedConfig):
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
+        for name in _LAYER_LISTS:
+            bad = [i for i in getattr(self, name) if not 0 <= i < self.num_hidden_layers]
+            if bad:
+                raise ValueError(f"{name} holds layers {bad} outside 0..{self.num_hidden_layers - 1}")
         if self.image_height % self.patch_size or self.image_width % self.patch_size:
             raise ValueError(f"patch_size {self.patch_size} must divide the {self.image_height}x{self.image_width} canvas")
 

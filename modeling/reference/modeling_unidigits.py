@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -82,27 +83,41 @@ class UniDigitsAttention(nn.Module):
 
 
 class UniDigitsDecoderLayer(nn.Module):
-    """A Qwen2 decoder layer; in `mot` every norm/attention/MLP has a `_moe_gen` twin."""
+    """A Qwen2 decoder layer; in `mot` every norm/attention/MLP has a `_moe_gen` twin.
 
-    def __init__(self, config: UniDigitsConfig, mot: bool):
+    A sublayer listed in `config.drop_attention_layers` / `drop_mlp_layers` is not built (its
+    residual branch is gone), so a pruned checkpoint holds no weights for it.
+    """
+
+    def __init__(self, config: UniDigitsConfig, layer_idx: int):
         super().__init__()
-        self.self_attn = UniDigitsAttention(config, mot)
-        self.mlp = Qwen2MLP(config)
-        self.input_layernorm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        if mot:
-            self.mlp_moe_gen = Qwen2MLP(config)
-            self.input_layernorm_moe_gen = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-            self.post_attention_layernorm_moe_gen = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        mot = config.variant == "mot"
+        norm = lambda: Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)  # noqa: E731
+        if layer_idx not in config.drop_attention_layers:
+            self.self_attn = UniDigitsAttention(config, mot)
+            self.input_layernorm = norm()
+            if mot:
+                self.input_layernorm_moe_gen = norm()
+        if layer_idx not in config.drop_mlp_layers:
+            self.mlp = Qwen2MLP(config)
+            self.post_attention_layernorm = norm()
+            if mot:
+                gen_width = SimpleNamespace(hidden_size=config.hidden_size, hidden_act=config.hidden_act,
+                                            intermediate_size=config.intermediate_size_gen)  # fmt: skip
+                self.mlp_moe_gen = Qwen2MLP(gen_width)
+                self.post_attention_layernorm_moe_gen = norm()
 
     def _gen(self, name: str) -> nn.Module | None:
         return getattr(self, name + GEN_SUFFIX, None)
 
     def forward(self, hidden, cos_sin, mask, gen_mask):  # hidden (B, T, d)
-        h = _route(self.input_layernorm, self._gen("input_layernorm"), hidden, gen_mask)
-        hidden = hidden + self.self_attn(h, cos_sin, mask, gen_mask)
-        h = _route(self.post_attention_layernorm, self._gen("post_attention_layernorm"), hidden, gen_mask)
-        return hidden + _route(self.mlp, self._gen("mlp"), h, gen_mask)
+        if hasattr(self, "self_attn"):
+            h = _route(self.input_layernorm, self._gen("input_layernorm"), hidden, gen_mask)
+            hidden = hidden + self.self_attn(h, cos_sin, mask, gen_mask)
+        if hasattr(self, "mlp"):
+            h = _route(self.post_attention_layernorm, self._gen("post_attention_layernorm"), hidden, gen_mask)
+            hidden = hidden + _route(self.mlp, self._gen("mlp"), h, gen_mask)
+        return hidden
 
 
 class UniDigitsBackbone(nn.Module):
@@ -112,7 +127,7 @@ class UniDigitsBackbone(nn.Module):
         super().__init__()
         mot = config.variant == "mot"
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
-        self.layers = nn.ModuleList(UniDigitsDecoderLayer(config, mot) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(UniDigitsDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         if mot:
             self.norm_moe_gen = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -228,20 +243,27 @@ class UniDigitsModel(PreTrainedModel):
 
     # ------------------------------------------------------------ task forwards
     def und_logits(self, images: torch.Tensor, input_ids: torch.Tensor, skip_layers: Collection[int] = ()) -> torch.Tensor:
-        """images (B, 8, 16) in [-1, 1]; input_ids (B, L) text (pads anywhere) -> logits (B, L, V)."""
+        """images (B, 8, 16) in [-1, 1]; input_ids (B, L) text (pads anywhere) -> logits (B, L, V).
+
+        Runs past `skip_layers` and `config.skip_layers_und`.
+        """
         n_img = self.config.num_image_tokens
         img = self.und_image_proj(self.patchify(images)) + self.image_pos_embed.weight  # (B, 32, d)
         embeds = torch.cat([img, self.model.embed_tokens(input_ids)], dim=1)  # (B, 32 + L, d)
         key_mask = torch.cat([torch.ones_like(input_ids[:, :1].expand(-1, n_img), dtype=torch.bool),
                               input_ids != self.config.pad_token_id], dim=1)  # fmt: skip
         is_image = torch.arange(embeds.shape[1], device=embeds.device) < n_img  # (T,)
-        hidden = self.model(embeds, key_mask, is_image, gen_mask=None, skip_layers=skip_layers)
+        skip = set(skip_layers) | set(self.config.skip_layers_und)
+        hidden = self.model(embeds, key_mask, is_image, gen_mask=None, skip_layers=skip)
         return self.lm_head(hidden[:, n_img:])
 
     def gen_velocity(
         self, prompt_ids: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, skip_layers: Collection[int] = ()
     ) -> torch.Tensor:
-        """prompt_ids (B, P) left-padded; x_t (B, 32, 4) noisy tokens; t (B,) -> predicted v (B, 32, 4)."""
+        """prompt_ids (B, P) left-padded; x_t (B, 32, 4) noisy tokens; t (B,) -> predicted v (B, 32, 4).
+
+        Runs past `skip_layers` and `config.skip_layers_gen`.
+        """
         n_img, P = self.config.num_image_tokens, prompt_ids.shape[1]
         t_emb = self.time_embed(t)[:, None]  # (B, 1, d)
         img = self.gen_image_proj(x_t) + self.image_pos_embed.weight + t_emb  # (B, 32, d)
@@ -250,7 +272,8 @@ class UniDigitsModel(PreTrainedModel):
                               torch.ones_like(prompt_ids[:, :1].expand(-1, n_img), dtype=torch.bool)], dim=1)  # fmt: skip
         is_image = torch.arange(P + n_img, device=embeds.device) >= P  # (T,)
         gen_mask = is_image[None].expand(len(prompt_ids), -1) if self.config.variant == "mot" else None
-        hidden = self.model(embeds, key_mask, is_image, gen_mask=gen_mask, skip_layers=skip_layers)
+        skip = set(skip_layers) | set(self.config.skip_layers_gen)
+        hidden = self.model(embeds, key_mask, is_image, gen_mask=gen_mask, skip_layers=skip)
         return self.gen_head(hidden[:, P:] + t_emb)  # (B, 32, 4)
 
     def forward(
