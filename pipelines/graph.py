@@ -23,7 +23,8 @@ class StageSpec:
     name: str
     sections: tuple[str, ...]  # config sections the stage reads; they form its cache key
     inputs: dict[str, tuple[str, str]] = field(default_factory=dict)  # input -> (stage, output)
-    label: str = ""  # instance name when a stage runs more than once (e.g. evaluate:pretrain)
+    label: str = ""  # instance name when a stage runs more than once (e.g. evaluate-prune)
+    num_cpus: float = 0  # 0 for stages that hand their work to Ray Train / Data / actors
 
     @property
     def id(self) -> str:
@@ -60,11 +61,11 @@ def plan(cfg: PipelineConfig) -> list[StageSpec]:
     if cfg.prune.enabled:
         specs.append(StageSpec("prune", ("model", "prune"), {"scores": ("score", "scores"), "checkpoint": checkpoint}))
     if cfg.evaluate.enabled:
-        specs.append(StageSpec("evaluate", ("evaluate",), {"checkpoint": checkpoint}))
+        specs.append(StageSpec("evaluate", ("evaluate",), {"checkpoint": checkpoint}, num_cpus=1))
         for stage in ("prune",):
             if any(s.name == stage for s in specs):
                 specs.append(StageSpec("evaluate", ("evaluate",), {"checkpoint": (stage, "checkpoint")},
-                                       label=f"evaluate-{stage}"))
+                                       label=f"evaluate-{stage}", num_cpus=1))
     return specs
 
 

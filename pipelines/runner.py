@@ -1,8 +1,9 @@
 """`unislim run`: the config's stages as a DAG of Ray tasks chained by ObjectRefs.
 
-Each stage is one `num_cpus=0` Ray task whose arguments are its upstream stages' ObjectRefs, so
-Ray orders them and runs independent branches at once; the heavy work inside a stage (Ray Train
-workers, Ray Data actors, Tune trials) reserves the CPUs and GPUs. A stage task first computes its
+Each stage is one Ray task (`num_cpus=0`, or 1 for `evaluate`, which does its own work) whose
+arguments are its upstream stages' ObjectRefs, so Ray orders them and runs independent branches at
+once; the heavy work inside a stage (Ray Train workers, Ray Data, actors, Tune trials) reserves the
+CPUs and GPUs. A stage task first computes its
 cache key and returns the finished output if there is one; otherwise it runs the stage into a
 temp folder, commits it atomically, and logs it as a child MLflow run of the pipeline's run.
 """
@@ -175,7 +176,7 @@ def _run_graph(cfg: PipelineConfig, specs: list[StageSpec], job: Job, result: Pi
         refs[SOURCE] = ray.put(source_manifest(cfg.model.path))
     for spec in specs:
         upstream = [refs[stage] for stage, _ in spec.inputs.values()]
-        refs[spec.id] = _stage_task.options(name=f"stage:{spec.id}").remote(
+        refs[spec.id] = _stage_task.options(name=f"stage:{spec.id}", num_cpus=spec.num_cpus).remote(
             spec, spec.config(cfg), spec.config_slice(cfg), job, *upstream)
     pending = {refs[s.id]: s for s in specs}
     try:

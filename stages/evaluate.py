@@ -9,11 +9,9 @@ markdown table, and the generated-scene grid. `unislim evaluate CHECKPOINT` call
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 
 
 def run(cfg: Any, inputs: dict, ctx: Any) -> dict[str, str]:
@@ -40,7 +38,6 @@ def evaluate_checkpoint(path: str | Path, *, n_und: int = 40, n_gen: int = 24, s
     if not isinstance(config, UniDigitsConfig):
         raise ValueError(f"evaluate: {path} holds a {config.model_type!r} model; digits-MME/GenEval evaluate the "
                          f"reference model family ({UniDigitsConfig.model_type!r}) and what stages derive from it")
-    torch.set_num_threads(os.cpu_count() or 1)
     model = AutoModel.from_pretrained(path, trust_remote_code=False).eval()
     progress(f"evaluating {path} ({n_und} samples per question type, {n_gen} prompts per category, {steps} steps)")
     DigitJudge.get()  # trained once per process, with gradients on

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import os
+import secrets
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -42,6 +44,12 @@ def ray_cluster():
     import ray
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # Ray 2.60 turns token auth on for a new local cluster and would write ~/.ray/auth_token:
+    # give this session (and the subprocesses it starts) its own token instead.
+    token = Path(tempfile.mkdtemp(prefix="unislim-ray-token-")) / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(token)
     ray.init(num_cpus=2, log_to_driver=True)  # with the dashboard: Ray Train's state queries use it
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()

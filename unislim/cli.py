@@ -97,7 +97,9 @@ def _ui(args) -> int:
     runs = Path(args.runs_dir).resolve()
     runs.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", f"sqlite:///{runs / 'mlflow.db'}",
-           "--default-artifact-root", (runs / "artifacts").as_uri(), "--host", args.host, "--port", str(args.port)]
+           "--default-artifact-root", (runs / "artifacts").as_uri(), "--host", args.host, "--port", str(args.port),
+           "--workers", "1"]  # one local user: 1 worker starts in seconds instead of half a minute
+    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")  # no background job runners
     print(f"MLflow UI on http://{args.host}:{args.port}  (store {runs / 'mlflow.db'})", flush=True)
     os.execv(sys.executable, cmd)
 
