@@ -39,7 +39,9 @@ def ensure_experiment(uri: str, name: str, runs_dir: Path) -> str:
     if exp is not None:
         return exp.experiment_id
     location = (Path(runs_dir).resolve() / "artifacts").as_uri() if is_local_store(uri) else None
-    return client.create_experiment(name, artifact_location=location)
+    # the UI opens a model-training experiment in its training view, not the GenAI one
+    return client.create_experiment(name, artifact_location=location,
+                                    tags={"mlflow.experimentKind": "custom_model_development"})
 
 
 def git_sha() -> str:
