@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ def run(cfg: Any, inputs: dict, ctx: Any) -> dict[str, str]:
         "size": m.size, "variant": m.variant, "seed": cfg.seed, "steps": p.steps, "lr": p.lr,
         "warmup_steps": p.warmup_steps, "batch_size": p.batch_size, "log_every": p.log_every,
         "checkpoint_every": p.checkpoint_every, "threads": max(1, int(p.cpus_per_worker)),
+        "snapshot_steps": sorted({max(1, round(f * p.steps)) for f in p.snapshots}),
     }
     ctx.progress(f"training reference-{m.size}-{m.variant} for {p.steps} steps, global batch {p.batch_size}")
     result = training.fit(train_loop, loop_config, ctx, num_workers=p.num_workers, use_gpu=p.use_gpu,
@@ -37,7 +39,13 @@ def run(cfg: Any, inputs: dict, ctx: Any) -> dict[str, str]:
     with result.checkpoint.as_directory() as folder:
         shutil.copytree(Path(folder) / "model", out / "checkpoint")
         history = json.loads((Path(folder) / "history.json").read_text())
+        if (Path(folder) / "snapshots").exists():
+            shutil.copytree(Path(folder) / "snapshots", out / "snapshots")
     description = f"reference-{m.size}-{m.variant}"
+    (out / "snapshots").mkdir(exist_ok=True)
+    for snap in sorted((out / "snapshots").glob("step-*")):
+        (snap / "unislim.json").write_text(json.dumps({"description": f"{description}@{snap.name}",
+                                                       "stage": "pretrain"}))
     (out / "checkpoint" / "unislim.json").write_text(json.dumps({"description": description, "stage": "pretrain"}))
     (out / "history.json").write_text(json.dumps(history))
     _plot_loss(history, out / "plots" / "loss.png", description)
@@ -47,7 +55,7 @@ def run(cfg: Any, inputs: dict, ctx: Any) -> dict[str, str]:
                "pretrain/train_time_s": round(sum(h["time_s"] for h in history), 2)}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     ctx.progress(f"final loss {last['loss']:.4f} (und {last['und_loss']:.4f}, gen {last['gen_loss']:.4f})")
-    return {"checkpoint": "checkpoint", "history": "history.json"}
+    return {"checkpoint": "checkpoint", "history": "history.json", "snapshots": "snapshots"}
 
 
 def train_loop(config: dict) -> None:
@@ -60,9 +68,12 @@ def train_loop(config: dict) -> None:
     optimizer, scheduler = make_optimizer(model, config["lr"], config["steps"],
                                           warmup_frac=config["warmup_steps"] / config["steps"])
     start, history = 0, []
+    snapshots = Path(tempfile.mkdtemp(prefix="unislim-snapshots-"))  # early weights, carried in checkpoints
     with training.latest_checkpoint() as folder:
         if folder is not None:
             start, history = _load_state(folder, model, optimizer, scheduler)
+            if (folder / "snapshots").exists():
+                shutil.copytree(folder / "snapshots", snapshots, dirs_exist_ok=True)
             if rank == 0:
                 ctx.progress(f"resumed from step {start}")
     ddp_model = training.prepare_model(model)
@@ -82,6 +93,8 @@ def train_loop(config: dict) -> None:
             sums[k] += getattr(out, k).item()
 
         done = step + 1
+        if done in config["snapshot_steps"] and rank == 0:
+            model.save_pretrained(snapshots / f"step-{done}")
         if done % config["log_every"] == 0 or done == config["steps"]:
             entry = {"step": done, **{k: v / (done - last_log) for k, v in sums.items()},
                      "lr": scheduler.get_last_lr()[0], "time_s": round(time.time() - t_log, 3)}
@@ -92,11 +105,14 @@ def train_loop(config: dict) -> None:
                 ctx.progress(f"step {done}/{config['steps']}  loss {entry['loss']:.4f}")
         if done % config["checkpoint_every"] == 0 or done == config["steps"]:
             training.report({"step": done, "loss": history[-1]["loss"] if history else float("nan")},
-                            write=lambda f: _save_state(f, model, optimizer, scheduler, done, history))
+                            write=lambda f: _save_state(f, model, optimizer, scheduler, done, history, snapshots))
+    shutil.rmtree(snapshots, ignore_errors=True)
 
 
-def _save_state(folder: Path, model, optimizer, scheduler, step: int, history: list) -> None:
+def _save_state(folder: Path, model, optimizer, scheduler, step: int, history: list, snapshots: Path) -> None:
     model.save_pretrained(folder / "model")  # safetensors
+    if any(snapshots.iterdir()):
+        shutil.copytree(snapshots, folder / "snapshots")
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, folder / "optim.pt")
     (folder / "history.json").write_text(json.dumps(history))
     (folder / "step.json").write_text(json.dumps({"step": step}))

@@ -64,11 +64,15 @@ class PretrainConfig(_Section):
     checkpoint_every: int = Field(500, ge=1, le=1_000_000, description="report a resumable checkpoint every N steps")
     log_every: int = Field(50, ge=1, le=1_000_000, description="log training metrics every N steps")
     max_failures: int = Field(0, ge=-1, le=1000, description="worker-group restarts Ray Train allows (-1: unlimited)")
+    snapshots: list[float] = Field([0.1], max_length=20,
+                                   description="also keep the weights at these fractions of training (snapshots/step-N)")
 
     @model_validator(mode="after")
     def _consistent(self) -> PretrainConfig:
         _rule(self.warmup_steps < self.steps, "warmup_steps",
               f"must be < pretrain.steps (got {self.warmup_steps} >= {self.steps})")
+        _rule(all(0 < f < 1 for f in self.snapshots), "snapshots",
+              f"fractions must be in (0, 1) (got {self.snapshots})")
         _rule(self.batch_size % self.num_workers == 0, "batch_size",
               f"must be divisible by pretrain.num_workers (got {self.batch_size} % {self.num_workers} != 0)")
         return self

@@ -115,4 +115,5 @@ def test_sigkill_mid_stage_then_rerun_completes(ray_cluster, tmp_path):
     assert len(finished) == 1 and not list(pretrain_dir.glob(".tmp-*"))
     history = json.loads((finished[0] / "history.json").read_text())
     assert history[-1]["step"] == 600 and [h["step"] for h in history] == list(range(10, 601, 10))
+    assert (finished[0] / "snapshots" / "step-60" / "model.safetensors").exists()  # 10% snapshot survives resume
     assert load_complete(next((runs / "evaluate").iterdir())) is not None
