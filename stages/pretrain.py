@@ -27,7 +27,7 @@ def run(cfg: Any, inputs: dict, ctx: Any) -> dict[str, str]:
     p, m = cfg.pretrain, cfg.model
     loop_config = {
         "size": m.size, "variant": m.variant, "seed": cfg.seed, "steps": p.steps, "lr": p.lr,
-        "warmup_steps": p.warmup_steps, "batch_size": p.batch_size, "log_every": p.log_every,
+        "warmup_steps": p.warmup_steps, "batch_size": p.batch_size, "und_fraction": p.und_fraction, "log_every": p.log_every,
         "checkpoint_every": p.checkpoint_every, "threads": max(1, int(p.cpus_per_worker)),
         "snapshot_steps": sorted({max(1, round(f * p.steps)) for f in p.snapshots}),
     }
@@ -82,7 +82,7 @@ def train_loop(config: dict) -> None:
     sums, t_log, last_log = {"loss": 0.0, "und_loss": 0.0, "gen_loss": 0.0}, time.time(), start
     for step in range(start, config["steps"]):
         generator = torch.Generator().manual_seed((config["seed"] * 1_000_003 + rank) * 10_000_019 + step)
-        batch = make_batch(local_batch, generator)
+        batch = make_batch(local_batch, generator, und_fraction=config["und_fraction"])
         out = ddp_model(**batch)
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()

@@ -58,6 +58,7 @@ class PretrainConfig(_Section):
     batch_size: int = Field(64, ge=1, le=65_536, description="global batch (split evenly across workers)")
     lr: float = Field(1e-3, gt=0, le=1.0, description="peak learning rate (AdamW, warmup then cosine)")
     warmup_steps: int = Field(100, ge=0, le=1_000_000, description="linear warmup steps")
+    und_fraction: float = Field(0.5, gt=0, lt=1, description="share of each batch that is understanding samples")
     num_workers: int = Field(1, ge=1, le=1024, description="Ray Train data-parallel workers")
     cpus_per_worker: float = Field(1.0, gt=0, le=256, description="CPUs each Ray Train worker reserves")
     use_gpu: bool = Field(False, description="one GPU per worker")

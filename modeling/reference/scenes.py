@@ -248,17 +248,25 @@ def make_gen_batch(specs: list[GenSpec], g: torch.Generator, split: str, cfg_dro
     }
 
 
+UND_FRACTION = 0.5  # share of a batch that is understanding samples
+
+
 def make_batch(
-    batch_size: int, generator: torch.Generator, split: str = "train", cfg_dropout: float = 0.1
+    batch_size: int,
+    generator: torch.Generator,
+    split: str = "train",
+    cfg_dropout: float = 0.1,
+    und_fraction: float = UND_FRACTION,
 ) -> dict[str, torch.Tensor]:
-    """A training batch with both tasks (half understanding, half generation) for `model(**batch)`.
+    """A training batch with both tasks (`und_fraction` understanding, the rest generation) for
+    `model(**batch)`.
 
     Question types and prompt categories are drawn uniformly, so every type appears in a batch
     of a few dozen.
     """
     if batch_size < 2:
         raise ValueError(f"batch_size must be >= 2 (one sample per task), got {batch_size}")
-    n_und = batch_size // 2
+    n_und = min(batch_size - 1, max(1, round(und_fraction * batch_size)))
     qtypes = [QUESTION_TYPES[_randint(generator, len(QUESTION_TYPES))] for _ in range(n_und)]
     cats = [GEN_CATEGORIES[_randint(generator, len(GEN_CATEGORIES))] for _ in range(batch_size - n_und)]
     und, _ = make_und_batch(qtypes, generator, split)
