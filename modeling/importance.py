@@ -97,10 +97,11 @@ class CalibrationRecorder:
     # -- lifecycle
     def __enter__(self) -> CalibrationRecorder:
         layers = self.adapter.decoder_layers(self.model)
-        for i in range(len(layers)):
+        for i, layer in enumerate(layers):
             name = f"{self.adapter.layers}.{i}"
             self._hooks.pre(name, lambda n, m, a, k, i=i: self._layer_in(i, a, k))
-            self._hooks.post(f"{name}.{self.adapter.attention}", lambda n, m, a, k, o, i=i: self._attn_out(i, o))
+            if hasattr(layer, self.adapter.attention):  # else pruned away: attention is the identity
+                self._hooks.post(f"{name}.{self.adapter.attention}", lambda n, m, a, k, o, i=i: self._attn_out(i, o))
             self._hooks.post(name, lambda n, m, a, k, o, i=i: self._layer_out(i, o))
         for name, mlp in self.mlps.items():
             self._hooks.pre(f"{name}.{self.adapter.mlp_proj[2]}", lambda n, m, a, k, key=name: self._mlp_in(key, a[0]))
@@ -146,7 +147,12 @@ class CalibrationRecorder:
         self._add(f"layer.{i}.attn_cos", self._cos_sum(x, mid))
 
     def _layer_out(self, i: int, output) -> None:
-        x, mid, out = self._inputs.pop(i), self._mids.pop(i), _tensor(output).detach()
+        x, out = self._inputs.pop(i), _tensor(output).detach()
+        if i in self._mids:
+            mid = self._mids.pop(i)
+        else:  # the attention sublayer was pruned away: it is the identity
+            mid = x
+            self._add(f"layer.{i}.attn_cos", self._cos_sum(x, x))
         self._add(f"layer.{i}.block_cos", self._cos_sum(x, out))
         self._add(f"layer.{i}.mlp_cos", self._cos_sum(mid, out))
         self._add(f"layer.{i}.tokens", torch.tensor(float(self._rows(x).shape[0])))

@@ -72,6 +72,8 @@ class Adapter:
         out = []
         for i, layer in enumerate(self.decoder_layers(model)):
             name = self.mlp[component]
+            if not hasattr(layer, name):  # a pruned-away sublayer
+                continue
             mlp = layer.get_submodule(name)
             gate, up, down = (mlp.get_submodule(p) for p in self.mlp_proj)
             out.append(MLPRef(i, f"{self.layers}.{i}.{name}", gate, up, down))
@@ -85,6 +87,8 @@ class Adapter:
         suffix = self.proj_suffix[component]
         out = []
         for i, layer in enumerate(self.decoder_layers(model)):
+            if not hasattr(layer, self.attention):  # a pruned-away sublayer
+                continue
             attn = layer.get_submodule(self.attention)
             q, k, v, o = (attn.get_submodule(p + suffix) for p in self.attn_proj)
             name = f"{self.layers}.{i}.{self.attention}"
