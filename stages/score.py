@@ -145,6 +145,7 @@ def plot_neuron_overlap(all_scores: dict[str, dict[str, torch.Tensor]], path: Pa
             ax.plot(layers, values, marker="o", label=f"{a} vs {b} ({family})")
             summary[f"{a}-{b}/{family}"] = sum(values) / len(values)
     ax.axhline(frac, color="grey", ls=":", label=f"chance ({frac:.0%})")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_ylim(0, 1.02)
     ax.set_xlabel("layer")
     ax.set_ylabel(f"top-{frac:.0%} neuron overlap")
