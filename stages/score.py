@@ -42,7 +42,9 @@ class ScoreWorker:
         from unislim.modeling.importance import CalibrationRecorder
 
         rows = 0
-        with CalibrationRecorder(self.model, self.adapter) as recorder:
+        # an understanding task never reaches a mixture-of-transformers model's generation copies
+        components = ("und",) if kind in ("und", "text") else ("und", "gen")
+        with CalibrationRecorder(self.model, self.adapter, components) as recorder:
             for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
                 rows += run_batch(self.model, kind, batch, recorder, gen_steps=gen_steps, cfg_scale=cfg_scale,
                                   buckets=buckets)
