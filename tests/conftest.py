@@ -12,6 +12,15 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Ray 2.60 turns token auth on for a new local cluster and would write ~/.ray/auth_token: give
+# this test session (and the subprocesses it starts) its own token. Ray reads these when it is
+# imported, so they are set here, before any test module imports it.
+_TOKEN = Path(tempfile.mkdtemp(prefix="unislim-ray-token-")) / "auth_token"
+_TOKEN.write_text(secrets.token_hex(32))
+os.environ["RAY_AUTH_MODE"] = "token"
+os.environ["RAY_AUTH_TOKEN_PATH"] = str(_TOKEN)
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
 # The smallest pipeline that exercises every stage: the tiny reference model, a few steps.
 TINY_PIPELINE = {
     "name": "test",
@@ -43,13 +52,6 @@ def ray_cluster():
     """The session's one local Ray cluster (2 CPUs); yields its GCS address for subprocesses."""
     import ray
 
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    # Ray 2.60 turns token auth on for a new local cluster and would write ~/.ray/auth_token:
-    # give this session (and the subprocesses it starts) its own token instead.
-    token = Path(tempfile.mkdtemp(prefix="unislim-ray-token-")) / "auth_token"
-    token.write_text(secrets.token_hex(32))
-    os.environ["RAY_AUTH_MODE"] = "token"
-    os.environ["RAY_AUTH_TOKEN_PATH"] = str(token)
     ray.init(num_cpus=2, log_to_driver=True)  # with the dashboard: Ray Train's state queries use it
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
