@@ -22,7 +22,7 @@ def test_checkpoint_reloads_with_identical_outputs(tiny_run):
     reloaded = AutoModel.from_pretrained(out / "checkpoint").eval()
     assert json.loads((out / "checkpoint" / "unislim.json").read_text())["description"] == "reference-tiny-shared"
 
-    ray_checkpoints = sorted((runs / "ray_train").glob("pretrain-*/checkpoint_*"))
+    ray_checkpoints = sorted(p for p in (runs / "ray_train").glob("pretrain-*/checkpoint_*") if p.is_dir())
     trained = UniDigitsModel(reference_config("tiny", "shared")).eval()
     trained.load_state_dict(load_file(ray_checkpoints[-1] / "model" / "model.safetensors"))
     batch = make_batch(8, torch.Generator().manual_seed(123))
