@@ -80,16 +80,28 @@ def _coin(g: torch.Generator, p: float) -> bool:
     return bool(torch.rand((), generator=g) < p)
 
 
-def render(scene: Scene, g: torch.Generator, split: str) -> torch.Tensor:
-    """Draws a real image of each slot's digit from `split`: canvas (8, 16) in digit units."""
+def render(scene: Scene, g: torch.Generator, split: str, shift: bool = False) -> torch.Tensor:
+    """Draws a real image of each slot's digit from `split`: canvas (8, 16) in digit units.
+
+    `shift` moves each digit by up to one pixel (zero fill), an understanding-side augmentation:
+    without it the understanding path memorises the 1,437 training images.
+    """
     images, by_class = _class_index(split)
     canvas = torch.zeros(8, 16)
     for s, slot in enumerate(scene.slots):
         if slot.digit is not None:
             pool = by_class[slot.digit]
-            img = images[pool[_randint(g, len(pool))]]  # (8, 8)
-            canvas[:, 8 * s : 8 * s + 8] = img * (FAINT_SCALE if slot.faint else 1.0)
+            img = images[pool[_randint(g, len(pool))]] * (FAINT_SCALE if slot.faint else 1.0)  # (8, 8)
+            if shift:
+                img = _shifted(img, _randint(g, 3) - 1, _randint(g, 3) - 1)
+            canvas[:, 8 * s : 8 * s + 8] = img
     return canvas
+
+
+def _shifted(img: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    out = torch.zeros_like(img)
+    out[max(dy, 0) : 8 + min(dy, 0), max(dx, 0) : 8 + min(dx, 0)] = img[max(-dy, 0) : 8 + min(-dy, 0), max(-dx, 0) : 8 + min(-dx, 0)]
+    return out
 
 
 def to_model_units(canvas: torch.Tensor) -> torch.Tensor:
@@ -141,6 +153,30 @@ def sample_question(qtype: str, g: torch.Generator) -> tuple[Scene, str, str]:
             a, b = _present_slot(g), _present_slot(g)
             if (a.digit + b.digit > 10) == want:
                 return Scene(a, b), "is the sum greater than ten ?", "yes" if want else "no"
+    raise ValueError(f"question type must be one of {QUESTION_TYPES}, got {qtype!r}")
+
+
+def ask(qtype: str, scene: Scene, g: torch.Generator) -> tuple[str, str] | None:
+    """A question of `qtype` about a given scene and its answer; None where it does not apply
+    (`faint` needs a digit on the asked side, `sum` two digits). Used for follow-up turns."""
+    names = [DIGIT_WORDS[s.digit] for s in scene.slots if s.digit is not None]
+    if qtype in ("left", "right"):
+        slot = scene.left if qtype == "left" else scene.right
+        return f"what is on the {qtype} ?", DIGIT_WORDS[slot.digit] if slot.digit is not None else "nothing"
+    if qtype == "which":
+        return "which digits are shown ?", " ".join(names) or "nothing"
+    if qtype == "count":
+        return "how many digits are shown ?", DIGIT_WORDS[len(names)]
+    if qtype == "faint":
+        sides = [side for side, slot in zip(("left", "right"), scene.slots) if slot.digit is not None]
+        if not sides:
+            return None
+        side = sides[_randint(g, len(sides))]
+        return f"is the {side} digit faint ?", "yes" if getattr(scene, side).faint else "no"
+    if qtype == "sum":
+        if scene.left.digit is None or scene.right.digit is None:
+            return None
+        return "is the sum greater than ten ?", "yes" if scene.left.digit + scene.right.digit > 10 else "no"
     raise ValueError(f"question type must be one of {QUESTION_TYPES}, got {qtype!r}")
 
 
@@ -214,21 +250,40 @@ def encode_prompt(prompt: str | None) -> list[int]:
 # ---------------------------------------------------------------- batches
 
 
-def make_und_batch(qtypes: list[str], g: torch.Generator, split: str) -> tuple[dict[str, torch.Tensor], list]:
-    """Understanding samples for the given question types; returns (tensors, [(scene, q, a)])."""
+def make_und_batch(
+    qtypes: list[str], g: torch.Generator, split: str, turns: int = 1, augment: bool = False
+) -> tuple[dict[str, torch.Tensor], list]:
+    """Understanding samples, one per entry of `qtypes`; returns (tensors, [(scene, q, a)]).
+
+    With `turns` > 1 a sample holds 1..turns question/answer turns about its scene (the first of
+    type qtypes[i], the rest distinct random questions), right-padded: more supervision per image forward, and the
+    first turn is exactly a single-question sample. `augment` shifts digits (see `render`).
+    """
     images, input_ids, labels, meta = [], [], [], []
     for qtype in qtypes:
         scene, question, answer = sample_question(qtype, g)
-        q, a = encode_question(question), encode_answer(answer)
-        images.append(to_model_units(render(scene, g, split)))
-        input_ids.append(q + a)
-        labels.append([-100] * len(q) + [i if i != TOKENIZER.pad_id else -100 for i in a])
+        qa = [(question, answer)]
+        extra_turns = _randint(g, turns) if turns > 1 else 0
+        for _ in range(50 * extra_turns):  # distinct follow-up questions that apply to the scene
+            if len(qa) > extra_turns:
+                break
+            extra = ask(QUESTION_TYPES[_randint(g, len(QUESTION_TYPES))], scene, g)
+            if extra is not None and extra[0] not in (q for q, _ in qa):
+                qa.append(extra)
+        ids, lab = [], []
+        for q_words, a_words in qa:
+            q, a = encode_question(q_words), encode_answer(a_words)
+            ids += q + a
+            lab += [-100] * len(q) + [i if i != TOKENIZER.pad_id else -100 for i in a]
+        pad = turns * (QUESTION_LEN + ANSWER_LEN) - len(ids)
+        images.append(to_model_units(render(scene, g, split, shift=augment)))
+        input_ids.append(ids + [TOKENIZER.pad_id] * pad)
+        labels.append(lab + [-100] * pad)
         meta.append((scene, question, answer))
-    ids = torch.tensor(input_ids)  # (B, QUESTION_LEN + ANSWER_LEN)
     batch = {
         "und_images": torch.stack(images),  # (B, 8, 16) in [-1, 1]
-        "und_input_ids": ids,
-        "und_labels": torch.tensor(labels),  # -100 outside the answer
+        "und_input_ids": torch.tensor(input_ids),  # (B, turns * (QUESTION_LEN + ANSWER_LEN))
+        "und_labels": torch.tensor(labels),  # -100 outside the answers
     }
     return batch, meta
 
@@ -249,6 +304,7 @@ def make_gen_batch(specs: list[GenSpec], g: torch.Generator, split: str, cfg_dro
 
 
 UND_FRACTION = 0.5  # share of a batch that is understanding samples
+UND_TURNS = 1  # question/answer turns per training scene (at most); see NOTES.md before raising it
 
 
 def make_batch(
@@ -257,18 +313,22 @@ def make_batch(
     split: str = "train",
     cfg_dropout: float = 0.1,
     und_fraction: float = UND_FRACTION,
+    und_turns: int = UND_TURNS,
+    augment: bool = False,
 ) -> dict[str, torch.Tensor]:
     """A training batch with both tasks (`und_fraction` understanding, the rest generation) for
     `model(**batch)`.
 
     Question types and prompt categories are drawn uniformly, so every type appears in a batch
-    of a few dozen.
+    of a few dozen. Understanding scenes may carry up to `und_turns` questions and, with
+    `augment`, shifted digits; generation targets are never augmented (they are what FID
+    compares with). The defaults are the recipe NOTES.md measured.
     """
     if batch_size < 2:
         raise ValueError(f"batch_size must be >= 2 (one sample per task), got {batch_size}")
     n_und = min(batch_size - 1, max(1, round(und_fraction * batch_size)))
     qtypes = [QUESTION_TYPES[_randint(generator, len(QUESTION_TYPES))] for _ in range(n_und)]
     cats = [GEN_CATEGORIES[_randint(generator, len(GEN_CATEGORIES))] for _ in range(batch_size - n_und)]
-    und, _ = make_und_batch(qtypes, generator, split)
+    und, _ = make_und_batch(qtypes, generator, split, turns=und_turns, augment=augment)
     gen = make_gen_batch([sample_prompt(c, generator) for c in cats], generator, split, cfg_dropout)
     return {**und, **gen}

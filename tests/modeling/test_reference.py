@@ -29,8 +29,10 @@ from unislim.modeling.reference.evaluate import count_flops
 from unislim.modeling.reference.judge import frechet_distance
 from unislim.modeling.reference.scenes import (
     ANSWER_LEN,
+    QUESTION_LEN,
     Scene,
     Slot,
+    ask,
     encode_prompt,
     encode_question,
     render,
@@ -76,16 +78,44 @@ def test_config_validation_rejects_bad_gqa():
         UniDigitsConfig(num_attention_heads=4, num_key_value_heads=3)
 
 
-def test_make_batch_is_seeded_and_labels_only_the_answer():
-    a, b, c = batch(16, seed=1), batch(16, seed=1), batch(16, seed=2)
+@pytest.mark.parametrize("turns", [1, 3])
+def test_make_batch_is_seeded_and_labels_only_the_answers(turns):
+    make = lambda seed: make_batch(16, torch.Generator().manual_seed(seed), und_turns=turns)  # noqa: E731
+    a, b, c = make(1), make(1), make(2)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["gen_images"], c["gen_images"])
-    labelled = a["und_labels"] != -100
-    assert not labelled[:, : -ANSWER_LEN].any()  # the question is never a target
-    assert (a["und_labels"][labelled] == a["und_input_ids"][labelled]).all()
-    assert (a["und_labels"] == TOKENIZER.eos_id).sum(1).eq(1).all()  # every answer ends in <eos>
+    ids, labels = a["und_input_ids"], a["und_labels"]
+    turn = QUESTION_LEN + ANSWER_LEN
+    assert ids.shape == (8, turns * turn)
+    labelled = (labels != -100).view(len(ids), -1, turn)  # (B, turns, 10)
+    assert not labelled[..., :QUESTION_LEN].any()  # questions are never targets
+    assert (labels[labels != -100] == ids[labels != -100]).all()
+    n_questions = (ids == TOKENIZER.ids["?"]).sum(1)
+    assert ((labels == TOKENIZER.eos_id).sum(1) == n_questions).all()  # every answer ends in <eos>
+    assert (n_questions.max() > 1) == (turns > 1)  # follow-up turns happen only when asked for
     assert a["gen_images"].shape == (8, 8, 16) and a["gen_images"].min() >= -1 and a["gen_images"].max() <= 1
+
+
+def test_follow_up_questions_answer_the_same_scene():
+    g = torch.Generator().manual_seed(0)
+    scene = Scene(Slot(7, faint=True), Slot())
+    assert ask("sum", scene, g) is None  # needs two digits
+    assert ask("faint", scene, g) == ("is the left digit faint ?", "yes")
+    assert ask("which", scene, g) == ("which digits are shown ?", "seven")
+    assert ask("right", scene, g) == ("what is on the right ?", "nothing")
+
+
+def test_shift_augmentation_translates_digits_by_at_most_one_pixel():
+    scene, moved = Scene(Slot(3), Slot()), 0
+    for seed in range(10):  # the same image is drawn first, then the shift
+        plain = render(scene, torch.Generator().manual_seed(seed), "train")[:, :8]
+        shifted = render(scene, torch.Generator().manual_seed(seed), "train", shift=True)[:, :8]
+        padded = torch.nn.functional.pad(plain, (1, 1, 1, 1))  # (10, 10)
+        candidates = [padded[1 + dy : 9 + dy, 1 + dx : 9 + dx] for dy in (1, 0, -1) for dx in (1, 0, -1)]
+        assert any(torch.equal(shifted, c) for c in candidates)
+        moved += not torch.equal(shifted, plain)
+    assert moved >= 5
 
 
 # ------------------------------------------------------------------ forward and training
