@@ -62,10 +62,9 @@ def plan(cfg: PipelineConfig) -> list[StageSpec]:
         specs.append(StageSpec("prune", ("model", "prune"), {"scores": ("score", "scores"), "checkpoint": checkpoint}))
     if cfg.evaluate.enabled:
         specs.append(StageSpec("evaluate", ("evaluate",), {"checkpoint": checkpoint}, num_cpus=1))
-        for stage in ("prune",):
-            if any(s.name == stage for s in specs):
-                specs.append(StageSpec("evaluate", ("evaluate",), {"checkpoint": (stage, "checkpoint")},
-                                       label=f"evaluate-{stage}", num_cpus=1))
+        if cfg.prune.enabled:
+            specs.append(StageSpec("evaluate", ("evaluate",), {"checkpoint": ("prune", "checkpoint")},
+                                   label="evaluate-prune", num_cpus=1))
     return specs
 
 

@@ -188,8 +188,7 @@ def _run_graph(cfg: PipelineConfig, specs: list[StageSpec], job: Job, result: Pi
                 result.stages[spec.id] = StageResult(spec.id, "cached" if manifest.cached else "ran", manifest)
             except Exception as e:  # noqa: BLE001 - reported in the summary, the run goes on
                 failed_up = [u for u, _ in spec.inputs.values()
-                             if u in result.stages and result.stages[u].status != "ran"
-                             and result.stages[u].status != "cached"]
+                             if u in result.stages and result.stages[u].status not in ("ran", "cached")]
                 status = "upstream-failed" if failed_up else "failed"
                 result.stages[spec.id] = StageResult(spec.id, status, error=_short_error(e))
                 if status == "failed":

@@ -27,18 +27,19 @@ def evaluate_checkpoint(path: str | Path, *, n_und: int = 40, n_gen: int = 24, s
                         cfg_scale: float | None = None, seed: int = 0, out_dir: str | Path | None = None,
                         progress: Callable[[str], None] = print) -> dict[str, Any]:
     """Load a checkpoint, evaluate it, and (with `out_dir`) write metrics.json, metrics.md, plots."""
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoConfig
 
+    from unislim.modeling.loading import load_model
     from unislim.modeling.reference import DigitJudge, UniDigitsConfig, evaluate_reference
 
     path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"evaluate: {path} is not a Hugging Face checkpoint folder (no config.json)")
-    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)  # checked before any weights load
     if not isinstance(config, UniDigitsConfig):
         raise ValueError(f"evaluate: {path} holds a {config.model_type!r} model; digits-MME/GenEval evaluate the "
                          f"reference model family ({UniDigitsConfig.model_type!r}) and what stages derive from it")
-    model = AutoModel.from_pretrained(path, trust_remote_code=False).eval()
+    model = load_model(path)
     progress(f"evaluating {path} ({n_und} samples per question type, {n_gen} prompts per category, {steps} steps)")
     DigitJudge.get()  # trained once per process, with gradients on
     metrics: dict[str, Any] = {"model": _description(path)}

@@ -36,6 +36,13 @@ def _rule(ok: bool, field: str, message: str) -> None:
         raise ValueError(f"@{field}: {message}")
 
 
+def _path_iff_source(section: _Section, source: str) -> None:
+    """`path` is given exactly when `source` is the one that reads it."""
+    _rule((section.source == source) == (section.path is not None), "path",
+          f"is required when source is {source!r} and not allowed otherwise "
+          f"(source={section.source!r}, path={section.path!r})")
+
+
 class ModelConfig(_Section):
     source: Literal["reference", "path"] = Field(
         "reference", description="`reference`: train the embedded digits model; `path`: load a checkpoint")
@@ -47,8 +54,7 @@ class ModelConfig(_Section):
 
     @model_validator(mode="after")
     def _path_matches_source(self) -> ModelConfig:
-        _rule((self.source == "path") == (self.path is not None), "path",
-              f"is required when source is 'path' and not allowed otherwise (source={self.source!r}, path={self.path!r})")
+        _path_iff_source(self, "path")
         return self
 
 
@@ -96,8 +102,7 @@ class CalibrationTask(_Section):
 
     @model_validator(mode="after")
     def _path_matches_source(self) -> CalibrationTask:
-        _rule((self.source == "parquet") == (self.path is not None), "path",
-              f"is required when source is 'parquet' and not allowed otherwise (source={self.source!r})")
+        _path_iff_source(self, "parquet")
         _rule(not (self.source == "reference" and self.kind == "text"), "kind",
               "the reference tasks are 'und' and 'gen' (use source=parquet for text)")
         return self
