@@ -51,6 +51,18 @@ def _route(und: nn.Module, gen: nn.Module | None, x: torch.Tensor, gen_mask: tor
     return out
 
 
+def _keep_tokens(keep: torch.Tensor, hidden: torch.Tensor, allowed: torch.Tensor, gen_mask: torch.Tensor | None,
+                 cos_sin: tuple[torch.Tensor, ...]):
+    """The rows `keep` (B, T') of hidden (B, T, d), the mask (B, T, T), gen_mask (B, T) and cos/sin (B, T, hd)."""
+
+    def rows(x: torch.Tensor) -> torch.Tensor:  # (B, T, ...) -> (B, T', ...)
+        index = keep.view(*keep.shape, *[1] * (x.dim() - 2)).expand(-1, -1, *x.shape[2:])
+        return x.gather(1, index)
+
+    allowed = rows(allowed).gather(2, keep[:, None, :].expand(-1, keep.shape[1], -1))  # (B, T', T')
+    return rows(hidden), allowed, None if gen_mask is None else rows(gen_mask), tuple(rows(c) for c in cos_sin)
+
+
 class UniDigitsAttention(nn.Module):
     """Qwen2 attention (GQA, RoPE, biased q/k/v) with an explicit mask through torch SDPA."""
 
@@ -140,11 +152,14 @@ class UniDigitsBackbone(nn.Module):
         is_image: torch.Tensor,
         gen_mask: torch.Tensor | None,
         skip_layers: Collection[int] = (),
+        token_filter: Callable[[int, torch.Tensor], torch.Tensor | None] | None = None,
     ) -> torch.Tensor:
         """embeds (B, T, d); key_mask (B, T) bool (False = pad); is_image (T,) bool; gen_mask (B, T) bool.
 
         Returns the final-normed hidden states (B, T, d). `skip_layers` leaves those layers out
-        (identity), for layer-skipping accelerations.
+        (identity), for layer-skipping accelerations. `token_filter(i, hidden)`, called after layer
+        i, may return indices (B, T') of the tokens the later layers keep (token pruning); then
+        fewer than T rows come back.
         """
         T = embeds.shape[1]
         causal = torch.ones(T, T, dtype=torch.bool, device=embeds.device).tril()
@@ -156,6 +171,9 @@ class UniDigitsBackbone(nn.Module):
         for i, layer in enumerate(self.layers):
             if i not in skip_layers:
                 hidden = layer(hidden, cos_sin, allowed[:, None], gen_mask)
+            keep = token_filter(i, hidden) if token_filter is not None else None
+            if keep is not None:
+                hidden, allowed, gen_mask, cos_sin = _keep_tokens(keep, hidden, allowed, gen_mask, cos_sin)
         return _route(self.norm, getattr(self, "norm_moe_gen", None), hidden, gen_mask)
 
 
@@ -242,10 +260,12 @@ class UniDigitsModel(PreTrainedModel):
         return x.reshape(B, c.image_height, c.image_width)
 
     # ------------------------------------------------------------ task forwards
-    def und_logits(self, images: torch.Tensor, input_ids: torch.Tensor, skip_layers: Collection[int] = ()) -> torch.Tensor:
+    def und_logits(self, images: torch.Tensor, input_ids: torch.Tensor, skip_layers: Collection[int] = (),
+                   token_filter: Callable[[int, torch.Tensor], torch.Tensor | None] | None = None) -> torch.Tensor:
         """images (B, 8, 16) in [-1, 1]; input_ids (B, L) text (pads anywhere) -> logits (B, L, V).
 
-        Runs past `skip_layers` and `config.skip_layers_und`.
+        Runs past `skip_layers` and `config.skip_layers_und`; `token_filter` as in the backbone
+        (it may drop image tokens; the text tokens are the last L rows either way).
         """
         n_img = self.config.num_image_tokens
         img = self.und_image_proj(self.patchify(images)) + self.image_pos_embed.weight  # (B, 32, d)
@@ -254,8 +274,8 @@ class UniDigitsModel(PreTrainedModel):
                               input_ids != self.config.pad_token_id], dim=1)  # fmt: skip
         is_image = torch.arange(embeds.shape[1], device=embeds.device) < n_img  # (T,)
         skip = set(skip_layers) | set(self.config.skip_layers_und)
-        hidden = self.model(embeds, key_mask, is_image, gen_mask=None, skip_layers=skip)
-        return self.lm_head(hidden[:, n_img:])
+        hidden = self.model(embeds, key_mask, is_image, gen_mask=None, skip_layers=skip, token_filter=token_filter)
+        return self.lm_head(hidden[:, -input_ids.shape[1]:])
 
     def gen_velocity(
         self, prompt_ids: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, skip_layers: Collection[int] = ()
@@ -264,6 +284,14 @@ class UniDigitsModel(PreTrainedModel):
 
         Runs past `skip_layers` and `config.skip_layers_gen`.
         """
+        hidden, t_emb = self.gen_hidden(prompt_ids, x_t, t, skip_layers)
+        return self.gen_head(hidden + t_emb)  # (B, 32, 4)
+
+    def gen_hidden(
+        self, prompt_ids: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, skip_layers: Collection[int] = ()
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The backbone half of `gen_velocity`: image hidden states (B, 32, d) and the timestep
+        embedding (B, 1, d); the diffusion head maps their sum to v (a cache may reuse the former)."""
         n_img, P = self.config.num_image_tokens, prompt_ids.shape[1]
         t_emb = self.time_embed(t)[:, None]  # (B, 1, d)
         img = self.gen_image_proj(x_t) + self.image_pos_embed.weight + t_emb  # (B, 32, d)
@@ -274,7 +302,7 @@ class UniDigitsModel(PreTrainedModel):
         gen_mask = is_image[None].expand(len(prompt_ids), -1) if self.config.variant == "mot" else None
         skip = set(skip_layers) | set(self.config.skip_layers_gen)
         hidden = self.model(embeds, key_mask, is_image, gen_mask=gen_mask, skip_layers=skip)
-        return self.gen_head(hidden[:, P:] + t_emb)  # (B, 32, 4)
+        return hidden[:, P:], t_emb
 
     def forward(
         self,
@@ -313,18 +341,20 @@ class UniDigitsModel(PreTrainedModel):
 
     # ------------------------------------------------------------ inference entry points
     @torch.no_grad()
-    def answer(self, images: torch.Tensor, question_ids: torch.Tensor, max_new_tokens: int = 3) -> torch.Tensor:
+    def answer(self, images: torch.Tensor, question_ids: torch.Tensor, max_new_tokens: int = 3,
+               token_filter: Callable[[int, torch.Tensor], torch.Tensor | None] | None = None) -> torch.Tensor:
         """Greedy decode. images (B, 8, 16) in [-1, 1]; question_ids (B, L) left-padded.
 
         Returns (B, max_new_tokens) token ids, `<pad>` after each `<eos>`. No KV cache: a
-        sequence is ~45 tokens and the whole prefix is re-run per token.
+        sequence is ~45 tokens and the whole prefix is re-run per token. `token_filter`: see
+        `und_logits`.
         """
         pad, eos = self.config.pad_token_id, self.config.eos_token_id
         ids = question_ids
         done = torch.zeros(len(ids), dtype=torch.bool, device=ids.device)
         new = []
         for _ in range(max_new_tokens):
-            nxt = self.und_logits(images, ids)[:, -1].argmax(-1)  # (B,)
+            nxt = self.und_logits(images, ids, token_filter=token_filter)[:, -1].argmax(-1)  # (B,)
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
             done |= nxt == eos
             new.append(nxt)
