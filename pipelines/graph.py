@@ -60,11 +60,25 @@ def plan(cfg: PipelineConfig) -> list[StageSpec]:
             "calib": ("shard", "calib"), "tasks": ("shard", "tasks"), "checkpoint": checkpoint}))
     if cfg.prune.enabled:
         specs.append(StageSpec("prune", ("model", "prune"), {"scores": ("score", "scores"), "checkpoint": checkpoint}))
+    if cfg.partition.enabled:
+        specs.append(StageSpec("partition", ("model", "partition"),
+                               {"scores": ("score", "scores"), "checkpoint": checkpoint}))
+    if cfg.adapt.enabled:
+        specs.append(StageSpec("adapt", ("seed", "adapt"), {"checkpoint": ("partition", "checkpoint")}))
+        if cfg.adapt.dense_baseline:  # the dense model of the same active size, trained as long
+            specs.append(StageSpec("adapt", ("seed", "adapt"), {"checkpoint": ("prune", "checkpoint")},
+                                   label="adapt-dense"))
     if cfg.evaluate.enabled:
         specs.append(StageSpec("evaluate", ("evaluate",), {"checkpoint": checkpoint}, num_cpus=1))
-        if cfg.prune.enabled:
-            specs.append(StageSpec("evaluate", ("evaluate",), {"checkpoint": ("prune", "checkpoint")},
-                                   label="evaluate-prune", num_cpus=1))
+        evaluated = [("prune", "checkpoint", cfg.prune.enabled), ("partition", "checkpoint", cfg.partition.enabled),
+                     ("adapt", "checkpoint_eft", cfg.adapt.enabled and cfg.adapt.eft_steps > 0),
+                     ("adapt", "checkpoint", cfg.adapt.enabled),
+                     ("adapt-dense", "checkpoint", cfg.adapt.enabled and cfg.adapt.dense_baseline)]
+        for stage, output, enabled in evaluated:
+            if enabled:
+                label = f"evaluate-{stage}" + ("-eft" if output == "checkpoint_eft" else "")
+                specs.append(StageSpec("evaluate", ("evaluate",), {"checkpoint": (stage, output)},
+                                       label=label, num_cpus=1))
     return specs
 
 

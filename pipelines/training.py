@@ -28,15 +28,18 @@ from .context import StageContext
 
 def fit(loop: Callable[[dict], None], config: dict[str, Any], ctx: StageContext, *, num_workers: int,
         use_gpu: bool = False, cpus_per_worker: float = 1.0, max_failures: int = 0,
-        keep_checkpoints: int = 2) -> ray.train.Result:
-    """Run `loop` on `num_workers` Ray Train workers; raise if training failed."""
-    ctx.progress(f"Ray Train: {num_workers} worker(s), run {ctx.train_run_name} under {ctx.train_storage}")
+        keep_checkpoints: int = 2, name_suffix: str = "") -> ray.train.Result:
+    """Run `loop` on `num_workers` Ray Train workers; raise if training failed.
+
+    `name_suffix` tells apart several training runs of one stage (e.g. its phases)."""
+    name = ctx.train_run_name + (f"-{name_suffix}" if name_suffix else "")
+    ctx.progress(f"Ray Train: {num_workers} worker(s), run {name} under {ctx.train_storage}")
     trainer = TorchTrainer(
         loop,
         train_loop_config={**config, "ctx": ctx},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cpus_per_worker}),
-        run_config=RunConfig(name=ctx.train_run_name, storage_path=ctx.train_storage,
+        run_config=RunConfig(name=name, storage_path=ctx.train_storage,
                              failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints)),
     )

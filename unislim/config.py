@@ -164,6 +164,70 @@ class PruneConfig(_Section):
         return self
 
 
+class PartitionConfig(_Section):
+    enabled: bool = Field(False, description="convert dense MLPs into shared + routed experts (Slim & Sparse §4.2)")
+    component: Literal["gen"] = Field(
+        "gen", description="MLPs whose generation path becomes sparse (understanding stays dense)")
+    layers: list[int] | None = Field(None, max_length=1024,
+                                     description="layers to convert (null: every layer but the first and last)")
+    calibration: str = Field("all", min_length=1, max_length=64,
+                             description="neuron scores to rank by: 'all' (summed over tasks, Eq. 8) or a task name")
+    num_experts: int = Field(64, ge=2, le=4096, description="experts per MLP (each holds ff / num_experts neurons)")
+    num_shared: int = Field(8, ge=0, le=4096, description="shared experts: the top cumulative-score neurons")
+    active_fraction: float = Field(0.5, gt=0, le=1, description="fraction of each MLP's neurons active per token")
+    aux_loss_coef: float = Field(0.01, ge=0, le=10, description="weight of the load-balancing loss in training")
+    impl: Literal["auto", "loop", "grouped"] = Field(
+        "auto", description="MoE kernel: per-expert loop (CPU reference), grouped GEMM (GPU), auto")
+
+    @property
+    def top_k(self) -> int:
+        """Routed experts per token: the active budget minus the shared experts."""
+        return round(self.active_fraction * self.num_experts) - self.num_shared
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PartitionConfig:
+        _rule(self.num_shared < self.num_experts, "num_shared",
+              f"must be < partition.num_experts (got {self.num_shared} >= {self.num_experts})")
+        _rule(1 <= self.top_k <= self.num_experts - self.num_shared, "active_fraction",
+              f"active_fraction * num_experts - num_shared must leave 1..{self.num_experts - self.num_shared} routed "
+              f"experts per token (got top_k={self.top_k})")
+        return self
+
+
+class AdaptConfig(_Section):
+    enabled: bool = Field(False, description="train the partitioned MoE model: Expert-Frozen Tuning, then all of it")
+    eft_steps: int = Field(200, ge=0, le=1_000_000, description="phase 1: experts frozen, router and the rest train")
+    moe_steps: int = Field(200, ge=0, le=1_000_000, description="phase 2: everything trains")
+    lr: float = Field(3e-4, gt=0, le=1.0, description="peak learning rate of each phase (AdamW, warmup, cosine)")
+    warmup_steps: int = Field(20, ge=0, le=1_000_000, description="linear warmup steps of each phase")
+    batch_size: int = Field(32, ge=2, le=65_536, description="global batch (split evenly across workers)")
+    und_fraction: float = Field(0.5, gt=0, lt=1, description="share of each batch that is understanding samples")
+    num_workers: int = Field(1, ge=1, le=1024, description="Ray Train data-parallel workers")
+    cpus_per_worker: float = Field(1.0, gt=0, le=256, description="CPUs each Ray Train worker reserves")
+    use_gpu: bool = Field(False, description="one GPU per worker (bf16)")
+    zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage")
+    checkpoint_every: int = Field(100, ge=1, le=1_000_000, description="report a resumable checkpoint every N steps")
+    log_every: int = Field(20, ge=1, le=1_000_000, description="log training metrics every N steps")
+    max_failures: int = Field(0, ge=-1, le=1000, description="worker-group restarts Ray Train allows (-1: unlimited)")
+    dense_baseline: bool = Field(False, description="also fine-tune the prune stage's dense model for eft_steps + "
+                                 "moe_steps (the same active-parameter budget when prune matches the partition)")
+    fail_at_step: int | None = Field(None, ge=1, le=1_000_000, description="testing: in the last phase the last rank "
+                                     "dies once at this step, to exercise recovery (needs max_failures >= 1)")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AdaptConfig:
+        _rule(self.eft_steps + self.moe_steps > 0, "moe_steps", "eft_steps + moe_steps must be > 0")
+        _rule(self.batch_size % self.num_workers == 0, "batch_size",
+              f"must be divisible by adapt.num_workers (got {self.batch_size} % {self.num_workers} != 0)")
+        _rule(self.fail_at_step is None or self.checkpoint_every < self.fail_at_step, "fail_at_step",
+              f"must come after the first checkpoint (adapt.checkpoint_every={self.checkpoint_every}), so the "
+              f"restarted run resumes past it (got {self.fail_at_step})")
+        phases = [n for n in (self.eft_steps, self.moe_steps) if n]
+        _rule(not phases or self.warmup_steps < min(phases), "warmup_steps",
+              f"must be < the steps of each phase (got {self.warmup_steps}; phases {phases})")
+        return self
+
+
 class PipelineConfig(_Section):
     name: str = Field("default", min_length=1, max_length=100, description="MLflow run name prefix")
     experiment: str = Field("unislim", min_length=1, max_length=200, description="MLflow experiment")
@@ -173,6 +237,8 @@ class PipelineConfig(_Section):
     shard: ShardConfig = Field(default_factory=ShardConfig, description="calibration data")
     score: ScoreConfig = Field(default_factory=ScoreConfig, description="importance scoring")
     prune: PruneConfig = Field(default_factory=PruneConfig, description="training-free pruning")
+    partition: PartitionConfig = Field(default_factory=PartitionConfig, description="dense MLP → MoE conversion")
+    adapt: AdaptConfig = Field(default_factory=AdaptConfig, description="Expert-Frozen Tuning + MoE adaptation")
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="evaluation")
 
     @model_validator(mode="after")
@@ -186,6 +252,17 @@ class PipelineConfig(_Section):
         names = [t.name for t in self.shard.tasks]
         _rule(self.prune.calibration in ("auto", "all", *names), "prune.calibration",
               f"must be 'auto', 'all' or a task of shard.tasks {names} (got {self.prune.calibration!r})")
+        _rule(not (self.partition.enabled and not self.score.enabled), "partition.enabled",
+              "partitioning ranks neurons by their scores: set score.enabled=true (or partition.enabled=false)")
+        _rule(self.partition.calibration in ("all", *names), "partition.calibration",
+              f"must be 'all' or a task of shard.tasks {names} (got {self.partition.calibration!r})")
+        _rule(not (self.adapt.enabled and not self.partition.enabled), "adapt.enabled",
+              "adaptation trains the partitioned model: set partition.enabled=true (or adapt.enabled=false)")
+        _rule(not (self.adapt.dense_baseline and not (self.prune.enabled and self.prune.method == "neurons")),
+              "adapt.dense_baseline", "fine-tunes the prune stage's model: needs prune.enabled=true and "
+              f"prune.method='neurons' (got enabled={self.prune.enabled}, method={self.prune.method!r})")
+        _rule(not (self.adapt.fail_at_step is not None and self.adapt.max_failures == 0), "adapt.fail_at_step",
+              "an injected failure needs adapt.max_failures >= 1 to recover")
         kinds = sorted({t.kind for t in self.shard.tasks})
         _rule(not (self.shard.enabled and self.model.source == "reference" and "text" in kinds), "shard.tasks",
               "the reference model runs 'und' and 'gen' tasks, not 'text'")
