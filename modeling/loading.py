@@ -7,17 +7,19 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+import unislim.modeling.moe  # noqa: F401  (registers unidigits_moe; before any AutoConfig call, e.g. in evaluate)
+
 
 def load_model(path: str | Path, trust_remote_code: bool = False, device: str | torch.device = "cpu",
                dtype: torch.dtype | None = None) -> torch.nn.Module:
     """`from_pretrained` with the right Auto class, in eval mode; weights via safetensors only."""
-    import unislim.modeling.reference  # noqa: F401  (registers the reference model with AutoModel)
+    import unislim.modeling.mod  # noqa: F401  (registers the reference model and its MoD form with AutoModel)
 
     path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} is not a Hugging Face checkpoint folder (no config.json)")
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    auto = AutoModel if config.model_type == "unidigits" else AutoModelForCausalLM
+    auto = AutoModel if config.model_type in ("unidigits", "unidigits_mod", "unidigits_moe") else AutoModelForCausalLM
     kwargs = {"dtype": dtype} if dtype is not None else {}
     model = auto.from_pretrained(path, trust_remote_code=trust_remote_code, use_safetensors=True, **kwargs)
     return model.to(device).eval()

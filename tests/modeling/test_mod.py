@@ -1,0 +1,188 @@
+"""Mixture-of-Depths layers on the tiny reference model: capacity 1.0 is the dense model, capacity c
+runs exactly ceil(c·T) tokens through the layer, FLOPs match the analytic count, routers are per
+task, causal text routing at inference does not look ahead, and the schedule meets its budget."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from unislim.modeling.loading import load_model
+from unislim.modeling.mod import UniDigitsModModel, capacity_tokens, layer_flops
+from unislim.modeling.mod.schedule import auto_schedule, mean_capacity
+from unislim.modeling.reference import UniDigitsModel, make_batch, reference_config
+from unislim.modeling.reference.evaluate import count_flops
+
+T_UND, T_GEN = 42, 40  # 32 image + 7 question + 3 answer; 8 prompt + 32 image
+
+
+def _dense(variant: str) -> UniDigitsModel:
+    torch.manual_seed(0)
+    return UniDigitsModel(reference_config("tiny", variant)).eval()
+
+
+def _batch(n: int = 8, seed: int = 1) -> dict:
+    return make_batch(n, torch.Generator().manual_seed(seed))
+
+
+def _randomize_routers(model: UniDigitsModModel, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.router_parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+
+
+@pytest.mark.parametrize("variant", ["shared", "mot"])
+def test_capacity_one_is_the_dense_model(variant):
+    dense = _dense(variant)
+    batch = _batch()
+    # all 1.0: no routers at all; 0.999: ceil(0.999·T) = T tokens through gather → layer → scatter.
+    # Top-k routing in both modes (no causal task: the untrained predictor would skip tokens).
+    for caps in ([1.0, 1.0], [0.999, 0.999]):
+        mod = UniDigitsModModel.from_dense(dense, mod_capacity={"und": caps, "gen": caps}, mod_causal_tasks=[])
+        for training in (True, False):
+            mod.train(training)
+            with torch.no_grad():
+                a, b = dense(**batch), mod(**batch)
+            torch.testing.assert_close(b.logits, a.logits, atol=1e-5, rtol=0)
+            torch.testing.assert_close(b.velocity, a.velocity, atol=1e-5, rtol=0)
+        with torch.no_grad():
+            g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+            prompts = batch["gen_prompt_ids"]
+            torch.testing.assert_close(mod.generate_images(prompts, steps=3, generator=g2),
+                                       dense.generate_images(prompts, steps=3, generator=g1), atol=1e-5, rtol=0)
+    assert len(mod.router_parameters()) > 0
+
+
+@pytest.mark.parametrize("capacity", [0.1, 0.3, 0.5, 0.7, 0.95])
+def test_layer_processes_exactly_ceil_c_t_tokens(capacity):
+    mod = UniDigitsModModel.from_dense(_dense("mot"), mod_capacity={"und": [1.0, capacity], "gen": [capacity, 1.0]})
+    _randomize_routers(mod)
+    seen = {0: [], 1: []}
+    hooks = [mod.model.layers[i].self_attn.register_forward_pre_hook(lambda m, a, i=i: seen[i].append(a[0].shape))
+             for i in (0, 1)]
+    mod.train()
+    mod(**_batch(8))
+    for h in hooks:
+        h.remove()
+    # layer 0: und dense, gen routed; layer 1: und routed, gen dense (und runs first in forward)
+    assert seen[0] == [(4, T_UND, 32), (4, capacity_tokens(capacity, T_GEN), 32)]
+    assert seen[1] == [(4, capacity_tokens(capacity, T_UND), 32), (4, T_GEN, 32)]
+    assert capacity_tokens(capacity, T_UND) == math.ceil(round(capacity * T_UND, 6))
+    assert capacity_tokens(0.7, 40) == 28 and capacity_tokens(0.3, 40) == 12  # not 29, 13 from float error
+
+
+def test_unselected_tokens_pass_unchanged_and_forced_tokens_are_kept():
+    mod = UniDigitsModModel.from_dense(_dense("shared"), mod_capacity={"und": [0.3, 1.0], "gen": [1.0, 1.0]},
+                                       mod_keep_last={"und": 4}).train()
+    _randomize_routers(mod)
+    io = {}
+    mod.model.layers[0].register_forward_hook(lambda m, a, o: io.update(x=a[0], y=o))
+    with mod.record_routing() as record:
+        mod.und_logits(*(_batch(8)[k] for k in ("und_images", "und_input_ids")))
+    kept = record.keep[("und", 0, T_UND)]  # (T,) how many of the 4 samples processed each position
+    changed = (io["y"] - io["x"]).abs().amax(-1) > 0  # (B, T)
+    assert changed.sum(1).tolist() == [capacity_tokens(0.3, T_UND)] * 4  # the rest passed by untouched
+    assert kept[-4:].tolist() == [4.0] * 4  # the answer region is never skipped
+    assert changed[:, -4:].all()
+
+
+def test_flop_counter_matches_analytic_count():
+    dense = _dense("shared")
+    c = dense.config
+    und_caps, gen_caps = [0.5, 1.0], [0.3, 0.8]
+    mod = UniDigitsModModel.from_dense(dense, mod_capacity={"und": und_caps, "gen": gen_caps}).train()
+    _randomize_routers(mod)
+    batch = _batch(8)  # 4 und + 4 gen samples
+    shape = dict(d=c.hidden_size, q_out=c.num_attention_heads * c.head_dim, kv_out=c.num_key_value_heads * c.head_dim,
+                 ff=c.intermediate_size)
+    expected = 0
+    for caps, T, causal in ((und_caps, T_UND, True), (gen_caps, T_GEN, False)):
+        for cap in caps:
+            routed = cap < 1.0
+            expected += layer_flops(B=4, T=T, n=capacity_tokens(cap, T), router=routed, predictor=routed and causal,
+                                    **shape)
+    with count_flops(mod.model.layers) as counted:
+        mod(**batch)
+    assert counted["flops"] == expected
+    with count_flops(dense.model.layers) as dense_counted:
+        dense(**batch)
+    dense_expected = sum(layer_flops(B=4, T=T, n=T, router=False, **shape) for T in (T_UND, T_GEN)) * 2
+    assert dense_counted["flops"] == dense_expected > counted["flops"]
+
+
+def test_routers_are_per_task_and_learn_only_from_their_task():
+    mod = UniDigitsModModel.from_dense(_dense("mot"), mod_capacity={"und": [0.5, 0.5], "gen": [0.5, 0.5]}).train()
+    _randomize_routers(mod)
+    layer = mod.model.layers[1]
+    und_w, gen_w = layer.mod_routers["und"].weight, layer.mod_routers["gen"].weight
+    assert und_w is not gen_w and und_w.data_ptr() != gen_w.data_ptr()
+    batch = _batch(8)
+    for task in ("und", "gen"):
+        mod.zero_grad(set_to_none=True)
+        if task == "und":
+            out = mod(und_images=batch["und_images"], und_input_ids=batch["und_input_ids"], und_labels=batch["und_labels"])
+        else:
+            out = mod(**{k: v for k, v in batch.items() if k.startswith("gen_")})
+        out.loss.backward()
+        for i, lay in enumerate(mod.model.layers):
+            own, other = lay.mod_routers[task].weight.grad, lay.mod_routers["gen" if task == "und" else "und"].weight.grad
+            assert own is not None and own.abs().sum() > 0, (task, i)
+            assert other is None, (task, i)
+
+    shared = UniDigitsModModel.from_dense(_dense("mot"), mod_routing="shared",
+                                          mod_capacity={"und": [0.5, 0.5], "gen": [0.5, 0.5]}).train()
+    assert list(shared.model.layers[0].mod_routers) == ["shared"]
+
+
+def test_causal_routing_at_inference_does_not_look_ahead():
+    """In eval mode the understanding routing is the predictor's per-token decision: the logits of
+    a prefix are the same whether or not later tokens follow (top-k over T would change them)."""
+    mod = UniDigitsModModel.from_dense(_dense("shared"), mod_capacity={"und": [0.4, 0.4], "gen": [1.0, 1.0]},
+                                       mod_keep_last={"und": 1})
+    _randomize_routers(mod)
+    with torch.no_grad():
+        for layer in mod.model.layers:  # a predictor that accepts about half of the tokens
+            layer.mod_predictors["und"].weight.normal_(generator=torch.Generator().manual_seed(3))
+    batch = _batch(8)
+    images, ids = batch["und_images"], batch["und_input_ids"]
+    mod.eval()
+    with torch.no_grad():
+        full = mod.und_logits(images, ids)  # (B, L, V)
+        prefix = mod.und_logits(images, ids[:, :-2])
+    # the prefix's last position is forced (keep_last=1) in the short run but not in the full one
+    torch.testing.assert_close(prefix[:, :-1], full[:, : ids.shape[1] - 3], atol=1e-5, rtol=0)
+    with mod.record_routing() as record, torch.no_grad():
+        mod.und_logits(images, ids)
+    frac = record.keep_fraction()["und/layer0"]
+    assert 0.05 < frac < 0.95  # the predictor really skipped tokens
+
+
+def test_checkpoint_round_trip(tmp_path):
+    mod = UniDigitsModModel.from_dense(_dense("mot"), mod_capacity={"und": [0.5, 1.0], "gen": [0.4, 0.6]},
+                                       mod_routing="task")
+    _randomize_routers(mod)
+    mod.save_pretrained(tmp_path)
+    again = load_model(tmp_path)
+    assert type(again) is UniDigitsModModel and again.config.mod_capacity == mod.config.mod_capacity
+    batch = _batch(6)
+    with torch.no_grad():
+        assert torch.equal(again(**batch).velocity, mod.eval()(**batch).velocity)
+
+
+def test_auto_schedule_meets_budget_and_follows_importance():
+    importance = {"und": torch.tensor([0.7, 0.15, 0.09, 0.14]), "gen": torch.tensor([0.44, 0.08, 0.04, 0.10])}
+    weights = {"und": 0.5, "gen": 0.5}
+    aware = auto_schedule(importance, budget=0.8, weights=weights, max_importance=0.3)
+    agnostic = auto_schedule(importance, budget=0.8, weights=weights, max_importance=0.3, shared=True)
+    for s in (aware, agnostic):
+        assert mean_capacity(s, weights) == pytest.approx(0.8, abs=1e-3)
+        assert s["und"][0] == s["gen"][0] == 1.0  # important layer 0 stays dense for both tasks
+    assert agnostic["und"] == agnostic["gen"]
+    # the less a layer changes a task's tokens, the fewer it processes; gen is the more redundant task
+    assert aware["gen"][2] < aware["gen"][1] < aware["gen"][3] or aware["gen"][2] < aware["gen"][3] < aware["gen"][1]
+    assert sum(aware["gen"]) < sum(aware["und"])
+    with pytest.raises(ValueError, match="budget"):
+        auto_schedule(importance, budget=0.3, weights=weights, min_capacity=0.5)
