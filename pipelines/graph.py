@@ -68,12 +68,16 @@ def plan(cfg: PipelineConfig) -> list[StageSpec]:
         if cfg.adapt.dense_baseline:  # the dense model of the same active size, trained as long
             specs.append(StageSpec("adapt", ("seed", "adapt"), {"checkpoint": ("prune", "checkpoint")},
                                    label="adapt-dense"))
+    if cfg.mod.enabled:  # scores only for the auto schedule
+        inputs = {"checkpoint": checkpoint, **({"scores": ("score", "scores")} if cfg.mod.schedule == "auto" else {})}
+        specs.append(StageSpec("mod", ("seed", "mod"), inputs))
     if cfg.evaluate.enabled:
         specs.append(StageSpec("evaluate", ("evaluate",), {"checkpoint": checkpoint}, num_cpus=1))
         evaluated = [("prune", "checkpoint", cfg.prune.enabled), ("partition", "checkpoint", cfg.partition.enabled),
                      ("adapt", "checkpoint_eft", cfg.adapt.enabled and cfg.adapt.eft_steps > 0),
                      ("adapt", "checkpoint", cfg.adapt.enabled),
-                     ("adapt-dense", "checkpoint", cfg.adapt.enabled and cfg.adapt.dense_baseline)]
+                     ("adapt-dense", "checkpoint", cfg.adapt.enabled and cfg.adapt.dense_baseline),
+                     ("mod", "checkpoint", cfg.mod.enabled)]
         for stage, output, enabled in evaluated:
             if enabled:
                 label = f"evaluate-{stage}" + ("-eft" if output == "checkpoint_eft" else "")

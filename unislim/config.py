@@ -228,6 +228,56 @@ class AdaptConfig(_Section):
         return self
 
 
+class ModConfig(_Section):
+    enabled: bool = Field(False, description="train task-aware Mixture-of-Depths routers into the checkpoint (UniMoD)")
+    routing: Literal["task", "shared", "none"] = Field(
+        "task", description="task: a router per task (UniMoD); shared: one router and capacity for all tasks "
+        "(the task-agnostic baseline); none: the dense control, same recipe without routers")
+    schedule: Literal["auto", "table"] = Field(
+        "auto", description="auto: capacities from the score stage's layer importance; table: mod.table")
+    budget: float = Field(0.8, gt=0, le=1, description="auto: token-weighted mean capacity over tasks and layers")
+    min_capacity: float = Field(0.25, gt=0, le=1, description="auto: no routed layer keeps fewer tokens than this")
+    max_importance: float = Field(0.3, ge=0, le=2, description="auto: a layer whose importance (1 - block cosine) "
+                                  "for a task exceeds this stays dense for that task")
+    table: dict[Literal["und", "gen"], list[float]] | None = Field(
+        None, description="schedule=table: per task, one capacity in (0, 1] per layer (missing task: dense)")
+    und_keep_last: int = Field(4, ge=0, le=10_000, description="never skip the last N tokens of an understanding "
+                               "sample (the question's last word and the answer)")
+    causal_und: bool = Field(True, description="at inference, understanding tokens are routed per token by an "
+                             "auxiliary predictor (causal), not by top-k over the sequence")
+    aux_weight: float = Field(1.0, ge=0, le=100, description="weight of the predictor's BCE loss")
+    steps: int = Field(300, ge=1, le=1_000_000, description="fine-tuning steps")
+    lr: float = Field(3e-4, gt=0, le=1.0, description="peak learning rate of the model (AdamW, warmup, cosine)")
+    router_lr: float = Field(3e-3, gt=0, le=1.0, description="peak learning rate of routers and predictors")
+    warmup_steps: int = Field(20, ge=0, le=1_000_000, description="linear warmup steps")
+    batch_size: int = Field(64, ge=2, le=65_536, description="global batch (split evenly across workers)")
+    und_fraction: float = Field(0.5, gt=0, lt=1, description="share of each batch that is understanding samples")
+    num_workers: int = Field(1, ge=1, le=1024, description="Ray Train data-parallel workers")
+    cpus_per_worker: float = Field(1.0, gt=0, le=256, description="CPUs each Ray Train worker reserves")
+    use_gpu: bool = Field(False, description="one GPU per worker (bf16)")
+    zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage")
+    checkpoint_every: int = Field(100, ge=1, le=1_000_000, description="report a resumable checkpoint every N steps")
+    log_every: int = Field(25, ge=1, le=1_000_000, description="log training metrics every N steps")
+    max_failures: int = Field(0, ge=-1, le=1000, description="worker-group restarts Ray Train allows (-1: unlimited)")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModConfig:
+        _rule(self.warmup_steps < self.steps, "warmup_steps",
+              f"must be < mod.steps (got {self.warmup_steps} >= {self.steps})")
+        _rule(self.batch_size % self.num_workers == 0, "batch_size",
+              f"must be divisible by mod.num_workers (got {self.batch_size} % {self.num_workers} != 0)")
+        _rule(self.min_capacity <= self.budget, "min_capacity",
+              f"must be <= mod.budget (got {self.min_capacity} > {self.budget})")
+        _rule((self.schedule == "table") == (self.table is not None), "table",
+              f"is required when schedule is 'table' and not allowed otherwise (schedule={self.schedule!r})")
+        caps = [c for v in (self.table or {}).values() for c in v]
+        _rule(all(0 < c <= 1 for c in caps), "table", f"capacities must lie in (0, 1] (got {self.table})")
+        _rule(not (self.routing == "shared" and self.table and len({tuple(v) for v in self.table.values()}) > 1),
+              "table", f"routing 'shared' uses one capacity for every task: give und and gen the same list "
+              f"(got {self.table})")
+        return self
+
+
 class PipelineConfig(_Section):
     name: str = Field("default", min_length=1, max_length=100, description="MLflow run name prefix")
     experiment: str = Field("unislim", min_length=1, max_length=200, description="MLflow experiment")
@@ -239,6 +289,7 @@ class PipelineConfig(_Section):
     prune: PruneConfig = Field(default_factory=PruneConfig, description="training-free pruning")
     partition: PartitionConfig = Field(default_factory=PartitionConfig, description="dense MLP → MoE conversion")
     adapt: AdaptConfig = Field(default_factory=AdaptConfig, description="Expert-Frozen Tuning + MoE adaptation")
+    mod: ModConfig = Field(default_factory=ModConfig, description="task-aware Mixture-of-Depths (UniMoD)")
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="evaluation")
 
     @model_validator(mode="after")
@@ -263,6 +314,8 @@ class PipelineConfig(_Section):
               f"prune.method='neurons' (got enabled={self.prune.enabled}, method={self.prune.method!r})")
         _rule(not (self.adapt.fail_at_step is not None and self.adapt.max_failures == 0), "adapt.fail_at_step",
               "an injected failure needs adapt.max_failures >= 1 to recover")
+        _rule(not (self.mod.enabled and self.mod.schedule == "auto" and not self.score.enabled), "mod.schedule",
+              "auto derives capacities from the scores: set score.enabled=true (or mod.schedule=table)")
         kinds = sorted({t.kind for t in self.shard.tasks})
         _rule(not (self.shard.enabled and self.model.source == "reference" and "text" in kinds), "shard.tasks",
               "the reference model runs 'und' and 'gen' tasks, not 'text'")

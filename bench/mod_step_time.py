@@ -1,0 +1,91 @@
+"""Wall-clock per training step: dense vs task-agnostic MoD vs task-aware MoD, interleaved.
+
+One process, one thread by default. The three models are built from the same checkpoint (the MoD
+ones with the `mod` stage's schedule at the same budget) and take training steps in turn on the
+same batch (forward + backward + AdamW step; the order rotates every step), so load from other
+jobs on the machine falls on all three alike. Plain torch, not DeepSpeed: this measures the
+model's compute, not the engine's overhead. FLOPs per step are counted from the tokens each layer
+processed (`count_flops`, 3 × forward).
+
+    python bench/mod_step_time.py CHECKPOINT SCORES [--budget 0.8] [--steps 60] [--threads 1]
+
+Prints a table and writes bench/results/mod-step-time-<variant>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("checkpoint")
+    parser.add_argument("scores")
+    parser.add_argument("--budget", type=float, default=0.8)
+    parser.add_argument("--steps", type=int, default=60, help="timed steps per model")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps per model first")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+
+    from unislim.config import ModConfig
+    from unislim.modeling.loading import load_model
+    from unislim.modeling.mod import UniDigitsModModel
+    from unislim.modeling.reference import make_batch, make_optimizer
+    from unislim.stages.mod import cost, mod_fields
+
+    torch.set_num_threads(args.threads)
+    dense = load_model(args.checkpoint).train()
+    models = {"dense": dense}
+    for name, routing in (("task-agnostic", "shared"), ("task-aware", "task")):
+        m = ModConfig(enabled=True, routing=routing, budget=args.budget)
+        fields, _ = mod_fields(m, dense.config, Path(args.scores))
+        models[name] = UniDigitsModModel.from_dense(load_model(args.checkpoint), **fields).train()
+    optimizers = {n: make_optimizer(model, 1e-4, args.warmup + args.steps)[0] for n, model in models.items()}
+    flops = {n: cost(dense, model, args.batch_size)["mod/train_flops_per_step"] for n, model in models.items()}
+
+    times: dict[str, list[float]] = {n: [] for n in models}
+    names = list(models)
+    for step in range(args.warmup + args.steps):
+        batch = make_batch(args.batch_size, torch.Generator().manual_seed(step))
+        for name in names[step % 3:] + names[: step % 3]:
+            model, opt = models[name], optimizers[name]
+            t0 = time.perf_counter()
+            out = model(**batch)
+            opt.zero_grad(set_to_none=True)
+            out.loss.backward()
+            opt.step()
+            if step >= args.warmup:
+                times[name].append(time.perf_counter() - t0)
+
+    rows = {}
+    base = statistics.median(times["dense"])
+    for name in names:
+        med = statistics.median(times[name])
+        rows[name] = {"median_s": round(med, 4), "mean_s": round(statistics.mean(times[name]), 4),
+                      "vs_dense": round(med / base, 3), "train_flops_per_step": flops[name],
+                      "flops_saved": round(1 - flops[name] / flops["dense"], 4)}
+    print(f"{'model':<15} {'median s/step':>13} {'mean':>8} {'vs dense':>9} {'FLOPs/step':>12} {'saved':>7}")
+    for name, r in rows.items():
+        print(f"{name:<15} {r['median_s']:>13.4f} {r['mean_s']:>8.4f} {r['vs_dense']:>9.3f} "
+              f"{r['train_flops_per_step']:>12.3e} {r['flops_saved']:>7.1%}")
+    variant = dense.config.variant
+    out = Path(args.out or Path(__file__).parent / "results" / f"mod-step-time-{variant}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"checkpoint": args.checkpoint, "budget": args.budget, "steps": args.steps,
+                               "batch_size": args.batch_size, "threads": args.threads, "machine": platform.node(),
+                               "processor": platform.processor(), "rows": rows}, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
