@@ -37,6 +37,8 @@ def count_flops(model: nn.Module):
     Hooks on module *calls* (not a formula over the config), so pruned widths, skipped layers
     and tokens routed past a module are counted as they actually run. Attention modules are
     recognised by their `q_proj`/`o_proj` children; their cost is 4 * B * T^2 * (heads * head_dim).
+    A module whose work is not nn.Linear calls (a MoE MLP's stacked experts) says what its last call
+    cost in an `extra_flops` attribute, which is added after each call.
     """
     total = {"flops": 0}
 
@@ -47,6 +49,9 @@ def count_flops(model: nn.Module):
         B, T = inp[0].shape[:2]  # hidden (B, T, d)
         total["flops"] += 4 * B * T * T * mod.q_proj.out_features
 
+    def extra_hook(mod, inp, out):
+        total["flops"] += mod.extra_flops
+
     handles = []
     try:
         for mod in model.modules():
@@ -54,6 +59,8 @@ def count_flops(model: nn.Module):
                 handles.append(mod.register_forward_hook(linear_hook))
             elif hasattr(mod, "q_proj") and hasattr(mod, "o_proj"):
                 handles.append(mod.register_forward_hook(attention_hook))
+            elif hasattr(mod, "extra_flops"):
+                handles.append(mod.register_forward_hook(extra_hook))
         yield total
     finally:
         for h in handles:

@@ -1,0 +1,362 @@
+"""The reference model with Mixture-of-Experts MLPs (Slim & Sparse, arXiv 2512.02351 §4.2).
+
+A dense gated MLP of width ff is cut into E experts of f = ff / E neurons (a partition of its
+neurons, `partition.py`); S of them are shared (always on), R = E - S are routed, k per token:
+
+    MoE(x) = f_S(x) + sum_{j in TopK(router(x))} G_j f_Rj(x)                          (Eq. 9)
+
+with the residual (straight-through) gate G = 1 + (p - p.detach()), p = softmax over the k selected
+logits: every selected expert contributes with weight exactly 1 in the forward, so with k = R the
+MoE *is* the dense MLP, while the router still receives the gradient of p. The experts are the
+dense weights, sliced and stacked: `w_gate`, `w_up` (E, f, d) and `w_down` (E, d, f).
+
+`UniDigitsMoEModel` puts a `MoEMLP` in place of the generation-path MLP of `config.moe["layers"]`;
+`convert_to_moe` (in `convert.py`) builds one from a trained dense model and neuron scores.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+
+from ..reference.modeling_unidigits import GEN_SUFFIX, UniDigitsModel, UniDigitsOutput
+from .configuration_unidigits_moe import UniDigitsMoEConfig
+
+IMPLS = ("auto", "loop", "grouped")
+_grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def grouped_mm_supported(d: int, f: int, dtype: torch.dtype) -> bool:
+    """Whether `grouped_mm` accepts these widths: every row stride a multiple of 16 bytes."""
+    return _grouped_mm is not None and (d * dtype.itemsize) % 16 == 0 and (f * dtype.itemsize) % 16 == 0
+
+
+class MoEMLP(nn.Module):
+    """A gated (SwiGLU) MLP split into S shared + R routed experts, top-k routing (Eq. 9).
+
+    impl: `loop` — a readable per-expert loop over tokens sorted by expert (the reference, CPU);
+    `grouped` — the same sort, then one `grouped_mm` per projection over all experts (runs on CPU
+    in fp32 and on CUDA; widths must keep 16-byte strides); `auto` — grouped on CUDA in bf16 when
+    the widths allow, the loop otherwise.
+
+    After each sparse forward: `last_load` (R,) long, routed slots per expert; in training also
+    `aux_loss`, the Switch load-balancing loss R * sum_j f_j P_j (1.0 when perfectly balanced).
+    `extra_flops`: 2 * MACs of the expert matmuls of the last call (the router is an nn.Linear),
+    read by `count_flops`. `run_dense` (set by the model for understanding forwards) makes a call
+    without `dense=` run every expert with gate 1; `freeze_dense` then also detaches the weights.
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, num_shared: int, top_k: int,
+                 impl: str = "auto", hidden_act: str = "silu"):
+        super().__init__()
+        if intermediate_size % num_experts:
+            raise ValueError(f"num_experts={num_experts} must divide intermediate_size={intermediate_size}")
+        if not 0 <= num_shared < num_experts or not 1 <= top_k <= num_experts - num_shared:
+            raise ValueError(f"need 0 <= num_shared < num_experts and 1 <= top_k <= num_experts - num_shared "
+                             f"(got num_experts={num_experts}, num_shared={num_shared}, top_k={top_k})")
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        d, E, f = hidden_size, num_experts, intermediate_size // num_experts
+        self.hidden_size, self.expert_size = d, f
+        self.num_experts, self.num_shared, self.top_k, self.impl = E, num_shared, top_k, impl
+        self.w_gate = nn.Parameter(torch.empty(E, f, d))
+        self.w_up = nn.Parameter(torch.empty(E, f, d))
+        self.w_down = nn.Parameter(torch.empty(E, d, f))
+        self.router = nn.Linear(d, self.num_routed, bias=False)
+        self.act_fn = ACT2FN[hidden_act]
+        self.run_dense = False
+        self.freeze_dense = False
+        self.aux_loss: torch.Tensor | None = None
+        self.last_load = torch.zeros(self.num_routed, dtype=torch.long, device="cpu")  # not meta in from_pretrained
+        self.extra_flops = 0
+
+    @property
+    def num_routed(self) -> int:
+        return self.num_experts - self.num_shared
+
+    def extra_repr(self) -> str:
+        return (f"hidden={self.hidden_size}, experts={self.num_experts} x {self.expert_size} "
+                f"(shared {self.num_shared}), top_k={self.top_k}, impl={self.impl}")
+
+    # ------------------------------------------------------------ from a dense MLP
+    @torch.no_grad()
+    def load_dense(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, partition: list[torch.Tensor]) -> None:
+        """Copies the dense weights, expert e = the neurons `partition[e]`, then `init_router()`.
+
+        gate, up (ff, d); down (d, ff) — `gate_proj.weight`, `up_proj.weight`, `down_proj.weight`.
+        """
+        if len(partition) != self.num_experts or any(len(p) != self.expert_size for p in partition):
+            raise ValueError(f"partition must be {self.num_experts} experts of {self.expert_size} neurons, got "
+                             f"{[len(p) for p in partition]}")
+        index = torch.stack([torch.as_tensor(p) for p in partition]).to(gate.device)  # (E, f)
+        self.w_gate.copy_(gate[index])  # (E, f, d)
+        self.w_up.copy_(up[index])
+        self.w_down.copy_(down[:, index].permute(1, 0, 2))  # (d, E, f) -> (E, d, f)
+        self.init_router()
+
+    @torch.no_grad()
+    def init_router(self) -> None:
+        """Router row j = sum over the neurons i of routed expert j of ||W_down[:, i]|| * W_gate[i].
+
+        A linear estimate of how strongly expert j fires on x (a neuron contributes when its gate
+        pre-activation W_gate[i] x is large, in proportion to the norm of its output column), so
+        top-k already prefers the active experts at step 0 instead of breaking ties by index.
+        Scaled so the rows have mean norm 1: logits of order 1 for unit-variance inputs.
+        """
+        S = self.num_shared
+        down_norm = self.w_down[S:].float().norm(dim=1)  # (R, f)
+        rows = torch.einsum("rf,rfd->rd", down_norm, self.w_gate[S:].float())  # (R, d)
+        rows = rows / rows.norm(dim=1).mean().clamp_min(1e-12)
+        self.router.weight.copy_(rows)
+
+    @torch.no_grad()
+    def router_stats(self, x: torch.Tensor, chunk: int = 4096) -> dict[str, torch.Tensor]:
+        """Sufficient statistics to fit the router on sample inputs x (..., d), float64, summable
+        over batches: `xtx` = X^T X (d, d), `xty` = X^T Y (d, R) with Y the norm of each routed
+        expert's output, `n` the number of rows."""
+        x = x.reshape(-1, self.hidden_size)
+        S, R = self.num_shared, self.num_routed
+        stats = {"xtx": x.new_zeros(self.hidden_size, self.hidden_size, dtype=torch.float64),
+                 "xty": x.new_zeros(self.hidden_size, R, dtype=torch.float64),
+                 "n": x.new_tensor(float(len(x)), dtype=torch.float64)}
+        for xc in x.split(chunk):  # (n, d)
+            h = self.act_fn(F.linear(xc, self.w_gate[S:].flatten(0, 1))) * F.linear(xc, self.w_up[S:].flatten(0, 1))
+            y = torch.einsum("nrf,rdf->nrd", h.view(len(xc), R, -1), self.w_down[S:]).norm(dim=-1)  # (n, R)
+            stats["xtx"] += xc.double().T @ xc.double()
+            stats["xty"] += xc.double().T @ y.double()
+        return stats
+
+    @torch.no_grad()
+    def fit_router(self, stats: dict[str, torch.Tensor], ridge: float = 1e-6) -> None:
+        """Least-squares router from `router_stats`: logit_j(x) ~ ||f_Rj(x)||, a calibrated
+        alternative to `init_router`. Scaled to logits of root-mean-square 1 on the samples."""
+        xtx, xty = stats["xtx"], stats["xty"]
+        reg = ridge * xtx.diagonal().mean().clamp_min(1e-12) * torch.eye(len(xtx), dtype=xtx.dtype, device=xtx.device)
+        w = torch.linalg.solve(xtx + reg, xty).T  # (R, d)
+        rms = (torch.einsum("rd,de,re->", w, xtx, w) / (stats["n"] * len(w))).sqrt()
+        self.router.weight.copy_(w / rms.clamp_min(1e-12))
+
+    # ------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, dense: bool | None = None) -> torch.Tensor:
+        """x (..., d) -> (..., d). `dense=True`: every expert, gate 1 (= the dense MLP);
+        `None`: `self.run_dense`."""
+        dense = self.run_dense if dense is None else dense
+        shape, d = x.shape, self.hidden_size
+        x = x.reshape(-1, d)  # (N, d)
+        N, S, E, f = x.shape[0], self.num_shared, self.num_experts, self.expert_size
+        if dense:
+            self.extra_flops = 2 * N * 3 * d * f * E
+            return self._experts_dense(x, 0, E, detach=self.freeze_dense).view(shape)
+        out = self._experts_dense(x, 0, S)  # (N, d) the shared experts: one dense MLP of width S * f
+        logits = self.router(x).float()  # (N, R)
+        top = torch.sort(logits, dim=-1, descending=True, stable=True).indices[:, : self.top_k]  # (N, k) ties -> index
+        p = torch.softmax(logits.gather(-1, top), dim=-1)  # (N, k)
+        gate = (1.0 + (p - p.detach())).to(x.dtype)  # (N, k): exactly 1 forward, d/dp = 1 backward
+        routed = self._routed_grouped if self._use_grouped(x) else self._routed_loop
+        out = out + routed(x, top, gate)
+        load = torch.bincount(top.flatten(), minlength=self.num_routed)  # (R,)
+        self.last_load = load.detach()
+        if self.training and N > 0:
+            frac = load.float() / (N * self.top_k)  # f_j: share of routed slots
+            prob = torch.softmax(logits, dim=-1).mean(0)  # P_j: mean router probability
+            self.aux_loss = self.num_routed * (frac * prob).sum()
+        self.extra_flops = 2 * N * 3 * d * f * (S + self.top_k)
+        return out.view(shape)
+
+    def _use_grouped(self, x: torch.Tensor) -> bool:
+        if self.impl == "loop":
+            return False
+        ok = grouped_mm_supported(self.hidden_size, self.expert_size, x.dtype)
+        if self.impl == "grouped":
+            if not ok:
+                raise ValueError(f"impl='grouped' needs 16-byte row strides: hidden {self.hidden_size} and expert width "
+                                 f"{self.expert_size} in {x.dtype} do not give them (use impl='loop' or 'auto')")
+            return True
+        return ok and x.is_cuda and x.dtype == torch.bfloat16
+
+    def _experts_dense(self, x: torch.Tensor, lo: int, hi: int, detach: bool = False) -> torch.Tensor:
+        """Experts lo..hi-1 as one dense MLP of width (hi - lo) * f.  x (N, d) -> (N, d)."""
+        d = self.hidden_size
+        w_gate, w_up, w_down = (w[lo:hi] for w in (self.w_gate, self.w_up, self.w_down))
+        if detach:
+            w_gate, w_up, w_down = w_gate.detach(), w_up.detach(), w_down.detach()
+        h = self.act_fn(F.linear(x, w_gate.reshape(-1, d))) * F.linear(x, w_up.reshape(-1, d))  # (N, n * f)
+        return F.linear(h, w_down.transpose(0, 1).reshape(d, -1))  # (d, n, f) -> (d, n * f)
+
+    def _sorted_slots(self, top: torch.Tensor, gate: torch.Tensor):
+        """The N * k (token, expert) slots sorted by expert: token index, gate, tokens per expert."""
+        k = top.shape[1]
+        order = torch.argsort(top.flatten(), stable=True)  # (N * k,)
+        counts = torch.bincount(top.flatten(), minlength=self.num_routed)  # (R,)
+        return order // k, gate.flatten()[order], counts
+
+    def _routed_loop(self, x: torch.Tensor, top: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """Reference: for each routed expert, gather its tokens, run its MLP, scatter-add back."""
+        token, g, counts = self._sorted_slots(top, gate)
+        out = torch.zeros_like(x)  # (N, d)
+        start = 0
+        for j, n in enumerate(counts.tolist()):
+            if n == 0:
+                continue
+            e, rows = self.num_shared + j, token[start : start + n]
+            xj = x[rows]  # (n, d)
+            h = self.act_fn(F.linear(xj, self.w_gate[e])) * F.linear(xj, self.w_up[e])  # (n, f)
+            out.index_add_(0, rows, F.linear(h, self.w_down[e]) * g[start : start + n, None])
+            start += n
+        return out
+
+    def _routed_grouped(self, x: torch.Tensor, top: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """The same sort; then one grouped GEMM per projection, expert j on rows offs[j-1]:offs[j]."""
+        token, g, counts = self._sorted_slots(top, gate)
+        offs = torch.cumsum(counts, 0).to(torch.int32)  # (R,) group ends; offs[-1] = N * k
+        xs = x[token]  # (N * k, d)
+        S = self.num_shared
+        w_gate, w_up, w_down = (w[S:].transpose(-2, -1) for w in (self.w_gate, self.w_up, self.w_down))
+        h = self.act_fn(_grouped_mm(xs, w_gate, offs=offs)) * _grouped_mm(xs, w_up, offs=offs)  # (N * k, f)
+        ys = _grouped_mm(h, w_down, offs=offs)  # (N * k, d)
+        return torch.zeros_like(x).index_add_(0, token, ys * g[:, None])
+
+
+@dataclass
+class UniDigitsMoEOutput(UniDigitsOutput):
+    aux_loss: torch.Tensor | None = None  # mean load-balancing loss of the MoE MLPs (training forwards)
+
+
+AUTO_MAP = {"AutoConfig": "configuration_unidigits_moe.UniDigitsMoEConfig",
+            "AutoModel": "modeling_unidigits_moe.UniDigitsMoEModel"}
+
+
+class UniDigitsMoEModel(UniDigitsModel):
+    """The reference model whose generation-path MLPs in `config.moe["layers"]` are `MoEMLP`s.
+
+    `mot`: `mlp_moe_gen` is the MoE, the understanding `mlp` stays dense. `shared`: the one `mlp`
+    is the MoE; `und_logits` runs it dense (every expert, gate 1), generation forwards sparse.
+    In training, `forward` adds `aux_loss_coef * aux_loss` to `loss` (`aux_loss`: the mean
+    load-balancing loss over the MoE MLPs of that forward).
+    """
+
+    config_class = UniDigitsMoEConfig
+    config: UniDigitsMoEConfig
+
+    def __init__(self, config: UniDigitsMoEConfig):
+        super().__init__(config)  # the dense model (initialised)
+        moe = config.moe
+        if moe is not None:
+            name = "mlp" + (GEN_SUFFIX if config.variant == "mot" else "")
+            for i in moe["layers"]:
+                setattr(self.model.layers[i], name, MoEMLP(
+                    config.hidden_size, config.moe_width, moe["num_experts"], moe["num_shared"], moe["top_k"],
+                    impl=moe["impl"], hidden_act=config.hidden_act))
+            self.post_init()  # initialises only the new modules (the rest carry `_is_hf_initialized`)
+
+    def _init_weights(self, module):
+        if isinstance(module, MoEMLP):
+            for w in (module.w_gate, module.w_up, module.w_down):
+                init.normal_(w, mean=0.0, std=self.config.initializer_range)
+        else:
+            super()._init_weights(module)
+
+    def moe_mlps(self) -> dict[str, MoEMLP]:
+        """Qualified name -> MoEMLP (e.g. `model.layers.1.mlp_moe_gen`)."""
+        return {n: m for n, m in self.named_modules() if isinstance(m, MoEMLP)}
+
+    @contextmanager
+    def dense_experts(self):
+        """Inside: every MoE MLP runs dense (gate 1), with detached experts if `moe.und_frozen`."""
+        mlps = list(self.moe_mlps().values())
+        frozen = bool(self.config.moe and self.config.moe["und_frozen"])
+        saved = [(m.run_dense, m.freeze_dense) for m in mlps]
+        for m in mlps:
+            m.run_dense, m.freeze_dense = True, frozen
+        try:
+            yield
+        finally:
+            for m, (run, freeze) in zip(mlps, saved):
+                m.run_dense, m.freeze_dense = run, freeze
+
+    def und_logits(self, *args, **kwargs) -> torch.Tensor:
+        """Understanding stays dense. (`mot` never reaches its MoE copies here anyway.)"""
+        with self.dense_experts():
+            return super().und_logits(*args, **kwargs)
+
+    def forward(self, *args, **kwargs) -> UniDigitsMoEOutput:
+        mlps = list(self.moe_mlps().values())
+        for m in mlps:
+            m.aux_loss = None
+        out = UniDigitsMoEOutput(**super().forward(*args, **kwargs))
+        aux = [m.aux_loss for m in mlps if m.aux_loss is not None]
+        if aux:
+            out.aux_loss = torch.stack(aux).mean()
+            if out.loss is not None:
+                out.loss = out.loss + self.config.moe["aux_loss_coef"] * out.aux_loss
+        return out
+
+    def num_active_parameters(self, task: str = "gen") -> int:
+        """Parameters one token of `task` passes through. A sparse MoE MLP counts its shared and
+        top-k routed experts and its router; understanding runs the MoE dense (no router).
+
+        `mot` counts one of each twin pair: the understanding copy for `und` (as the dense model
+        does), the generation copy for `gen`.
+        """
+        if task not in ("und", "gen"):
+            raise ValueError(f"task must be 'und' or 'gen', got {task!r}")
+        mot = self.config.variant == "mot"
+        named = dict(self.named_parameters())
+        if mot:
+            gen_side = lambda n: GEN_SUFFIX in n  # noqa: E731
+            twin = lambda n: n.startswith(("model.layers.", "model.norm.")) and not gen_side(n)  # noqa: E731
+            drop = gen_side if task == "und" else twin
+            total = sum(p.numel() for n, p in named.items() if not drop(n))
+        else:
+            total = sum(p.numel() for p in named.values())
+        for m in self.moe_mlps().values():
+            if task == "gen":
+                total -= (m.num_routed - m.top_k) * 3 * m.hidden_size * m.expert_size
+            elif not mot:
+                total -= m.router.weight.numel()
+        return total
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Also writes the model code beside the weights with `auto_map`, so the checkpoint loads
+        with `trust_remote_code=True` where unislim is not installed."""
+        self.config.auto_map = dict(AUTO_MAP)
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            write_model_code(save_directory)
+
+
+_RELATIVE_IMPORT = re.compile(r"^(\s*from\s+)(\.+)([\w.]+)(\s+import)", re.MULTILINE)
+
+
+def _code_files(path: Path, seen: dict[str, Path]) -> dict[str, Path]:
+    """This file and every file it imports relatively, recursively: {file name: path}."""
+    if path.name in seen:
+        if seen[path.name] != path:
+            raise ValueError(f"two model files are both named {path.name}: {seen[path.name]} and {path}")
+        return seen
+    seen[path.name] = path
+    for _, dots, dotted, _ in _RELATIVE_IMPORT.findall(path.read_text()):
+        base = path.parent
+        for _ in range(len(dots) - 1):
+            base = base.parent
+        _code_files(base.joinpath(*dotted.split(".")).with_suffix(".py"), seen)
+    return seen
+
+
+def write_model_code(folder: str | os.PathLike) -> list[str]:
+    """Copies this module and its relative imports, flattened into `folder` (`from ..reference.x
+    import` becomes `from .x import`), as transformers' remote-code loader wants them."""
+    files = _code_files(Path(__file__).resolve(), {})
+    for name, path in files.items():
+        text = _RELATIVE_IMPORT.sub(lambda m: f"{m[1]}.{m[3].rsplit('.', 1)[-1]}{m[4]}", path.read_text())
+        (Path(folder) / name).write_text(text)
+    return sorted(files)
