@@ -122,7 +122,10 @@ def train_loop(config: dict) -> None:
     sums, t_log, last_log = dict.fromkeys(keys, 0.0), time.time(), start
     for step in range(start, steps):
         if step == config["fail_at_step"] and rank == world_size - 1 and start == 0:
-            os._exit(1)  # an injected worker death (adapt.fail_at_step), only before any resume
+            # An injected worker death (adapt.fail_at_step), only before any resume. The Ray Train
+            # controller collects reported checkpoints by polling: wait as a real step would.
+            time.sleep(5)
+            os._exit(1)
         seed = (config["seed"] * 1_000_003 + rank) * 10_000_019 + config["step_offset"] + step  # global step
         batch = make_batch(local_batch, torch.Generator().manual_seed(seed), und_fraction=config["und_fraction"])
         batch = {k: v.to(engine.device, dtype if v.is_floating_point() else None) for k, v in batch.items()}
