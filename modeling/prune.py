@@ -50,7 +50,8 @@ def keep_neurons(model: nn.Module, adapter: Adapter, component: str, scores: dic
     kept: dict[str, list[int]] = {}
     for mlp in adapter.mlps(model, component):
         if f"{mlp.name}.neuron" not in scores:
-            raise KeyError(f"no neuron scores for {mlp.name}")
+            raise ValueError(f"no neuron scores for {mlp.name}: the calibration task never ran through it (in a "
+                             "mixture-of-transformers model a task scores only the copies its tokens use)")
         k = max(1, round(keep * mlp.width))
         index = top_indices(scores[f"{mlp.name}.neuron"], k)
         module = model.get_submodule(mlp.name)
