@@ -29,9 +29,8 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 
 from ..reference.modeling_unidigits import GEN_SUFFIX, UniDigitsModel, UniDigitsOutput
-from .configuration_unidigits_moe import UniDigitsMoEConfig
+from .configuration_unidigits_moe import IMPLS, UniDigitsMoEConfig
 
-IMPLS = ("auto", "loop", "grouped")
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
