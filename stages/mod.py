@@ -8,7 +8,8 @@ trained checkpoint and trained on Ray Train with DeepSpeed.
 2. **Routing.** `mod.routing=task`: one router per task in each routed layer (UniMoD); `shared`:
    the task-agnostic baseline, one router and one capacity per layer for every task, at the same
    budget; `none`: the dense control, fine-tuned with the same recipe and no routers.
-3. **Training.** Every worker converts the checkpoint (routers start at weight 1), wraps it in a
+3. **Training.** Every worker converts the checkpoint (routers start at weight ~1, ranking tokens
+   by a least-squares fit of how much each layer changes them: `mod.router_init`), wraps it in a
    DeepSpeed ZeRO engine (fp32 on CPU over gloo, bf16 on GPU) and draws batches seeded by (seed,
    rank, step), so a resumed run sees the batches the interrupted one would have. Rank 0 logs
    losses and step times to MLflow and reports resumable checkpoints.
@@ -31,7 +32,7 @@ import torch
 from safetensors import safe_open
 
 from unislim.modeling.loading import load_model
-from unislim.modeling.mod import UniDigitsModModel
+from unislim.modeling.mod import UniDigitsModModel, fit_routers
 from unislim.modeling.mod.schedule import auto_schedule, mean_capacity, plot_token_keep, write_schedule
 from unislim.modeling.reference import make_batch, make_optimizer
 from unislim.modeling.reference.evaluate import count_flops
@@ -51,7 +52,7 @@ def run(cfg: Any, inputs: dict, ctx: Any) -> dict[str, str]:
     description = f"mod:{m.routing}" + (f":budget={info['mean_capacity']:.3g}" if fields is not None else "")
 
     loop_config = {"source": str(source), "fields": fields, "steps": m.steps, "seed": cfg.seed, "lr": m.lr,
-                   "router_lr": m.router_lr, "warmup_steps": m.warmup_steps, "batch_size": m.batch_size,
+                   "router_lr": m.router_lr, "router_init": m.router_init, "warmup_steps": m.warmup_steps, "batch_size": m.batch_size,
                    "und_fraction": m.und_fraction, "zero_stage": m.zero_stage, "log_every": m.log_every, "checkpoint_every": m.checkpoint_every,
                    "threads": max(1, int(m.cpus_per_worker))}
     result = training.fit(train_loop, loop_config, ctx, num_workers=m.num_workers, use_gpu=m.use_gpu,
@@ -131,6 +132,12 @@ def train_loop(config: dict) -> None:
     model = load_model(config["source"])
     if config["fields"] is not None:
         model = UniDigitsModModel.from_dense(model, **config["fields"])
+        if config["router_init"] == "fit":  # same batches on every rank: identical routers
+            batches = [make_batch(config["batch_size"], torch.Generator().manual_seed(config["seed"] + 7919 + i),
+                                  und_fraction=config["und_fraction"]) for i in range(2)]
+            fit = fit_routers(model, batches)
+            if rank == 0:
+                ctx.progress(f"routers fitted to each layer's per-token update (R² {fit})")
     model.train()
     optimizer, scheduler = _optimizer(model, config["lr"], config["router_lr"], steps, config["warmup_steps"])
     local_batch = config["batch_size"] // world_size

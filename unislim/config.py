@@ -249,6 +249,9 @@ class ModConfig(_Section):
     steps: int = Field(300, ge=1, le=1_000_000, description="fine-tuning steps")
     lr: float = Field(3e-4, gt=0, le=1.0, description="peak learning rate of the model (AdamW, warmup, cosine)")
     router_lr: float = Field(3e-3, gt=0, le=1.0, description="peak learning rate of routers and predictors")
+    router_init: Literal["fit", "zero"] = Field(
+        "fit", description="fit: each router starts at a least-squares fit of how much its layer changes each token "
+        "(tiny logits, router weight ~1); zero: zero weights (weight exactly 1, ties broken arbitrarily)")
     warmup_steps: int = Field(20, ge=0, le=1_000_000, description="linear warmup steps")
     batch_size: int = Field(64, ge=2, le=65_536, description="global batch (split evenly across workers)")
     und_fraction: float = Field(0.5, gt=0, lt=1, description="share of each batch that is understanding samples")

@@ -9,11 +9,11 @@ Importing this package registers `unidigits_mod` with `AutoConfig`/`AutoModel`.
 from transformers import AutoConfig, AutoModel
 
 from .configuration_mod import UniDigitsModConfig
-from .modeling_mod import ModDecoderLayer, RoutingRecord, UniDigitsModModel
+from .modeling_mod import ModDecoderLayer, RoutingRecord, UniDigitsModModel, fit_routers
 from .routing import capacity_tokens, layer_flops
 
 AutoConfig.register(UniDigitsModConfig.model_type, UniDigitsModConfig, exist_ok=True)
 AutoModel.register(UniDigitsModConfig, UniDigitsModModel, exist_ok=True)
 
 __all__ = ["ModDecoderLayer", "RoutingRecord", "UniDigitsModConfig", "UniDigitsModModel", "capacity_tokens",
-           "layer_flops"]
+           "fit_routers", "layer_flops"]

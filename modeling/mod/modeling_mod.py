@@ -219,3 +219,58 @@ class UniDigitsModModel(UniDigitsModel):
                 out.loss = out.loss + self.config.mod_aux_weight * out.mod_aux_loss
         self._routing_state.aux_losses = []
         return out
+
+
+@torch.no_grad()
+def fit_routers(model: UniDigitsModModel, batches: list[dict], logit_std: float = 0.05, ridge: float = 1e-3) -> dict:
+    """Initialise every router by least squares so that its top-k starts at the tokens the layer
+    changes most: w ∝ argmin ‖X w − y‖² + λ‖w‖², y = log(‖f(x) − x‖ / ‖x‖) per real token, X the
+    layer's input hidden states (both centred), over the dense model's forwards on `batches`.
+
+    Top-k only ranks, so w is then scaled until the logits' std is `logit_std`: the router weight
+    2·sigmoid(logit) stays within a few percent of 1 and the model starts close to the dense one
+    restricted to the chosen tokens (instead of to an arbitrary tie-break of zero logits).
+    Returns the R² of each router's fit, keyed `layer{i}/{router}`.
+    """
+    layers = list(model.model.layers)
+    saved = [layer.capacity for layer in layers]
+    data: dict[tuple[int, str], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    state = model._routing_state
+
+    def hook(layer, args, output):
+        route = state.route
+        x, y = args[0], output  # (B, T, d)
+        rows = route.eligible
+        rel = ((y - x).norm(dim=-1) / x.norm(dim=-1).clamp(min=1e-6)).clamp(min=1e-6).log()  # (B, T)
+        data.setdefault((layer.layer_idx, layer.router_name(route.task)), []).append((x[rows].float(), rel[rows]))
+
+    handles = [layer.register_forward_hook(hook) for layer in layers]
+    was_training = model.training
+    try:
+        for layer in layers:
+            layer.capacity = dict.fromkeys(layer.capacity, 1.0)  # dense: every token, the layer's own update
+        model.eval()
+        for batch in batches:
+            model(**batch)
+    finally:
+        for layer, caps in zip(layers, saved):
+            layer.capacity = caps
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    quality = {}
+    for (i, name), parts in sorted(data.items()):
+        if name not in layers[i].mod_routers:
+            continue
+        X = torch.cat([p[0] for p in parts]).double()  # (N, d)
+        y = torch.cat([p[1] for p in parts]).double()  # (N,)
+        Xc, yc = X - X.mean(0), y - y.mean()
+        gram = Xc.T @ Xc
+        w = torch.linalg.solve(gram + ridge * gram.trace() / gram.shape[0] * torch.eye(gram.shape[0], dtype=gram.dtype),
+                               Xc.T @ yc)  # (d,)
+        r2 = 1 - float(((Xc @ w - yc) ** 2).sum() / (yc**2).sum().clamp(min=1e-12))
+        w = w * (logit_std / (X @ w).std().clamp(min=1e-12))
+        router = layers[i].mod_routers[name]
+        router.weight.copy_(w.to(router.weight)[None])
+        quality[f"layer{i}/{name}"] = round(r2, 4)
+    return quality

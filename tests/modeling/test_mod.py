@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from unislim.modeling.loading import load_model
-from unislim.modeling.mod import UniDigitsModModel, capacity_tokens, layer_flops
+from unislim.modeling.mod import UniDigitsModModel, capacity_tokens, fit_routers, layer_flops
 from unislim.modeling.mod.schedule import auto_schedule, mean_capacity
 from unislim.modeling.reference import UniDigitsModel, make_batch, reference_config
 from unislim.modeling.reference.evaluate import count_flops
@@ -170,6 +170,24 @@ def test_checkpoint_round_trip(tmp_path):
     batch = _batch(6)
     with torch.no_grad():
         assert torch.equal(again(**batch).velocity, mod.eval()(**batch).velocity)
+
+
+def test_fitted_routers_pick_the_tokens_a_layer_changes_most_at_weight_near_one():
+    dense = _dense("shared")
+    mod = UniDigitsModModel.from_dense(dense, mod_capacity={"und": [0.5, 0.5], "gen": [0.5, 0.5]})
+    r2 = fit_routers(mod, [_batch(32, seed=s) for s in (2, 3)], logit_std=0.05)
+    assert set(r2) == {"layer0/und", "layer0/gen", "layer1/und", "layer1/gen"} and all(v > 0 for v in r2.values())
+    batch = _batch(32, seed=4)
+    io = {}
+    dense.model.layers[1].register_forward_hook(lambda m, a, o: io.update(x=a[0], y=o))
+    with torch.no_grad():
+        dense.und_logits(batch["und_images"], batch["und_input_ids"])  # the dense layer's own update
+        logits = mod.model.layers[1].mod_routers["und"](io["x"]).squeeze(-1)  # (B, T)
+    assert (2 * torch.sigmoid(logits) - 1).abs().max() < 0.2  # router weight ~1: the model starts near dense
+    assert logits.std() == pytest.approx(0.05, rel=0.5)
+    rel = (io["y"] - io["x"]).norm(dim=-1) / io["x"].norm(dim=-1)  # (B, T)
+    chosen = torch.zeros_like(logits, dtype=torch.bool).scatter(1, logits.topk(T_UND // 2, dim=1).indices, True)
+    assert rel[chosen].mean() > 1.1 * rel[~chosen].mean()  # the router ranks tokens by how much the layer acts
 
 
 def test_auto_schedule_meets_budget_and_follows_importance():

@@ -1,0 +1,71 @@
+"""The RESULTS.md MoD table: dense control vs task-agnostic MoD vs task-aware MoD on one checkpoint.
+
+Runs the `mod` stage (Ray Train + DeepSpeed, a local Ray with one CPU) three times from the same
+trained checkpoint and score-stage scores — `routing` none (dense fine-tune, same recipe), shared
+(one router and capacity for all tasks) and task (a router and a schedule per task), the two MoD
+runs at the same budget — then evaluates each checkpoint with the `evaluate` stage's function.
+
+    python bench/mod_study.py CHECKPOINT SCORES --out DIR [--steps 300] [--budget 0.8] [--set key=value ...]
+
+Writes DIR/<routing>/ (the stage outputs) and DIR/study.json; prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("checkpoint")
+    parser.add_argument("scores")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--budget", type=float, default=0.8)
+    parser.add_argument("--routings", default="none,shared,task")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", action="append", default=[], help="another mod.* field, e.g. --set lr=1e-4")
+    args = parser.parse_args()
+
+    import ray
+    import yaml
+
+    from unislim.config import ModConfig
+    from unislim.pipelines.context import StageContext
+    from unislim.stages import mod as mod_stage
+    from unislim.stages.evaluate import evaluate_checkpoint
+
+    out = Path(args.out)
+    extra = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in args.set)}
+    ray.init(num_cpus=1, include_dashboard=False)
+    inputs = {"checkpoint": SimpleNamespace(path=args.checkpoint), "scores": SimpleNamespace(path=args.scores)}
+    rows = {}
+    for routing in args.routings.split(","):
+        m = ModConfig(enabled=True, routing=routing, steps=args.steps, budget=args.budget, **extra)
+        folder = out / routing
+        folder.mkdir(parents=True, exist_ok=True)
+        key = "-".join(["study", Path(args.checkpoint).parent.name, routing, str(args.steps), str(args.budget), *args.set])
+        ctx = StageContext(stage="mod", key=key, out_dir=folder, runs_dir=out)
+        if not (folder / "metrics.json").exists():
+            t0 = time.time()
+            mod_stage.run(SimpleNamespace(seed=args.seed, mod=m), inputs, ctx)
+            (folder / "stage_time.json").write_text(json.dumps({"wall_s": round(time.time() - t0, 1)}))
+        if not (folder / "eval" / "metrics.json").exists():
+            evaluate_checkpoint(folder / "checkpoint", n_und=40, n_gen=24, steps=20, out_dir=folder / "eval")
+        rows[routing] = {**json.loads((folder / "metrics.json").read_text()),
+                         **json.loads((folder / "eval" / "metrics.json").read_text())}
+        (out / "study.json").write_text(json.dumps(rows, indent=1))
+    keys = ("mod/train_flops_saved", "mod/step_time_s", "mme/overall", "geneval/overall", "fid/gen",
+            "mod/und_flops_saved", "mod/gen_flops_saved")
+    print("| routing | " + " | ".join(keys) + " |")
+    for routing, r in rows.items():
+        print(f"| {routing} | " + " | ".join(f"{r.get(k, float('nan')):.4g}" for k in keys) + " |")
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
