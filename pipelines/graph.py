@@ -68,6 +68,11 @@ def plan(cfg: PipelineConfig) -> list[StageSpec]:
         if cfg.adapt.dense_baseline:  # the dense model of the same active size, trained as long
             specs.append(StageSpec("adapt", ("seed", "adapt"), {"checkpoint": ("prune", "checkpoint")},
                                    label="adapt-dense"))
+    if cfg.search.enabled:  # trials run partition → adapt → evaluate: those sections (and the upstream ones,
+        # for the exported best pipeline) are part of its key; the Tune trials reserve the CPUs
+        specs.append(StageSpec("search", ("experiment", "seed", "model", "pretrain", "shard", "score",
+                                          "partition", "adapt", "evaluate", "search"),
+                               {"scores": ("score", "scores"), "checkpoint": checkpoint}))
     if cfg.mod.enabled:  # scores only for the auto schedule
         inputs = {"checkpoint": checkpoint, **({"scores": ("score", "scores")} if cfg.mod.schedule == "auto" else {})}
         specs.append(StageSpec("mod", ("seed", "mod"), inputs))

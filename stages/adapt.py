@@ -44,13 +44,8 @@ def run(cfg: Any, inputs: dict, ctx: Any) -> dict[str, str]:
     for i, (phase, steps) in enumerate(phases):
         last = i == len(phases) - 1
         ctx.progress(f"phase {phase}: {steps} steps from {init.name}")
-        loop_config = {
-            "init": str(init), "phase": phase, "steps": steps, "seed": cfg.seed, "lr": a.lr,
-            "warmup_steps": a.warmup_steps, "batch_size": a.batch_size, "und_fraction": a.und_fraction,
-            "zero_stage": a.zero_stage, "log_every": a.log_every, "checkpoint_every": a.checkpoint_every,
-            "threads": max(1, int(a.cpus_per_worker)), "fail_at_step": a.fail_at_step if last else None,
-            "step_offset": sum(s for _, s in phases[:i]),
-        }
+        loop_config = phase_config(a, cfg.seed, init, phase, steps, step_offset=sum(s for _, s in phases[:i]),
+                                   fail_at_step=a.fail_at_step if last else None)
         result = training.fit(train_loop, loop_config, ctx, num_workers=a.num_workers, use_gpu=a.use_gpu,
                               cpus_per_worker=a.cpus_per_worker, max_failures=a.max_failures, name_suffix=phase)
         folder = out / ("checkpoint" if last else f"checkpoint-{phase}")
@@ -82,6 +77,17 @@ def run(cfg: Any, inputs: dict, ctx: Any) -> dict[str, str]:
     elif is_moe and a.eft_steps > 0:
         outputs["checkpoint_eft"] = "checkpoint"  # EFT was the only phase
     return outputs
+
+
+def phase_config(a: Any, seed: int, init: Path, phase: str, steps: int, *, step_offset: int = 0,
+                 fail_at_step: int | None = None) -> dict:
+    """The `train_loop` config of one phase (also what a `search` trial fits)."""
+    return {
+        "init": str(init), "phase": phase, "steps": steps, "seed": seed, "lr": a.lr,
+        "warmup_steps": a.warmup_steps, "batch_size": a.batch_size, "und_fraction": a.und_fraction,
+        "zero_stage": a.zero_stage, "log_every": a.log_every, "checkpoint_every": a.checkpoint_every,
+        "threads": max(1, int(a.cpus_per_worker)), "fail_at_step": fail_at_step, "step_offset": step_offset,
+    }
 
 
 # ------------------------------------------------------------------------------------ workers

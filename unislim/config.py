@@ -11,10 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -281,6 +281,124 @@ class ModConfig(_Section):
         return self
 
 
+SPACE_KINDS = ("grid", "choice", "uniform", "loguniform")
+# A trial runs partition → adapt, so only their fields can vary. MoD capacity (mod.*) is not
+# searchable: the MoD model wraps the dense reference model and the MoE model is its own class;
+# one model with both does not exist yet.
+SEARCHABLE = {"partition": PartitionConfig, "adapt": AdaptConfig}
+_NOT_SEARCHABLE = ("enabled", "fail_at_step", "dense_baseline", "layers")
+
+
+class SpaceSpec(_Section):
+    """How one config key varies across the search's trials: exactly one of the four."""
+
+    grid: list[Any] | None = Field(None, min_length=1, max_length=1000,
+                                   description="every value in turn (trials = num_samples x grid combinations)")
+    choice: list[Any] | None = Field(None, min_length=1, max_length=1000, description="one value drawn per trial")
+    uniform: tuple[float, float] | None = Field(None, description="[lo, hi] drawn uniformly (integers for int fields)")
+    loguniform: tuple[float, float] | None = Field(None, description="[lo, hi] drawn log-uniformly, lo > 0")
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in SPACE_KINDS if getattr(self, k) is not None)
+
+    @model_validator(mode="after")
+    def _one(self) -> SpaceSpec:
+        given = [k for k in SPACE_KINDS if getattr(self, k) is not None]
+        _rule(len(given) == 1, given[-1] if given else "choice",
+              f"give exactly one of {list(SPACE_KINDS)} (got {given or 'none'})")
+        for k in ("uniform", "loguniform"):
+            lo, hi = getattr(self, k) or (1.0, 2.0)
+            _rule(lo < hi, k, f"needs lo < hi (got [{lo}, {hi}])")
+            _rule(k == "uniform" or lo > 0, k, f"needs lo > 0 (got {lo})")
+        return self
+
+
+def _space_key(key: str) -> str:
+    """A searchable dotted key: `section.field` of a section the trials run."""
+    section, _, name = key.partition(".")
+    model = SEARCHABLE.get(section)
+    if model is None:
+        raise ValueError(f"only partition.* and adapt.* fields can vary (trials run partition → adapt; mod.* "
+                         f"cannot: MoD and MoE do not compose into one model yet) (got {key!r})")
+    if name not in model.model_fields or name in _NOT_SEARCHABLE:
+        searchable = sorted(n for n in model.model_fields if n not in _NOT_SEARCHABLE)
+        raise ValueError(f"{section} has no searchable field {name!r} (have {searchable})")
+    return key
+
+
+def _space_problems(key: str, spec: SpaceSpec) -> list[str]:
+    """What is wrong with `key: spec` against the field it names (type, bounds), if anything."""
+    from pydantic import TypeAdapter
+
+    section, _, name = key.partition(".")
+    model = SEARCHABLE[section]
+    field = model.model_fields[name]
+    adapter = TypeAdapter(Annotated[field.annotation, *field.metadata] if field.metadata else field.annotation)
+    values = list(spec.grid or spec.choice or spec.uniform or spec.loguniform)
+    problems = []
+    if spec.kind in ("uniform", "loguniform") and field.annotation not in (int, float):
+        return [f"{key}: {spec.kind} needs a numeric field ({name} is {field.annotation}); use choice"]
+    for v in values:
+        try:
+            adapter.validate_python(v)
+        except ValidationError as e:
+            problems.append(f"{key}: {v!r} is not a valid {section}.{name} ({e.errors()[0]['msg']})")
+    return problems
+
+
+class SearchObjective(_Section):
+    quality: Literal["mean", "mme", "geneval"] = Field(
+        "mean", description="mean of digits-MME and digits-GenEval overall, or one of them")
+    cost: Literal["active_params", "latency"] = Field(
+        "active_params", description="active parameters per generation token, or measured latency "
+        "(und + gen milliseconds per sample)")
+    kind: Literal["budget", "tradeoff"] = Field(
+        "budget", description="budget: maximise quality with cost <= budget x the dense model's; "
+        "tradeoff: maximise quality - weight x cost / dense cost")
+    budget: float = Field(0.8, gt=0, le=10, description="kind=budget: allowed cost as a fraction of the dense model's")
+    weight: float = Field(0.5, ge=0, le=100, description="kind=tradeoff: quality given up per unit of relative cost")
+
+
+class SearchConfig(_Section):
+    enabled: bool = Field(False, description="Ray Tune search over partition / adapt settings (trials run "
+                          "partition → short adapt → evaluate; writes the Pareto front and the best pipeline)")
+    space: dict[Annotated[str, AfterValidator(_space_key)], SpaceSpec] = Field(
+        default_factory=dict, max_length=64,
+        description="dotted key (partition.num_experts, adapt.lr, ...) → {grid|choice: [...]} or "
+        "{uniform|loguniform: [lo, hi]}; other keys keep the partition / adapt sections' values")
+    num_samples: int = Field(8, ge=1, le=100_000, description="trials (times the grid size when a key uses grid)")
+    max_concurrent_trials: int | Literal["auto"] = Field(
+        "auto", description="trials at once; auto: the cluster's CPUs (GPUs) / each trial's trainer's, so no trial "
+        "waits for resources")
+    search_alg: Literal["random", "optuna"] = Field(
+        "random", description="random (and grid) search, or Optuna's TPE (needs the optuna package)")
+    asha: bool = Field(True, description="ASHA early stopping: a trial whose score after Expert-Frozen Tuning is "
+                       "in the bottom of its rung skips MoE adaptation")
+    reduction_factor: int = Field(2, ge=2, le=16, description="ASHA: keep the top 1/reduction_factor at a rung")
+    objective: SearchObjective = Field(default_factory=SearchObjective, description="what the best trial maximises")
+    n_und: int = Field(10, ge=1, le=100_000, description="trial evaluation: samples per understanding question type")
+    n_gen: int = Field(6, ge=1, le=100_000, description="trial evaluation: prompts per GenEval category")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="search algorithm seed")
+
+    @field_validator("max_concurrent_trials")
+    @classmethod
+    def _concurrency(cls, v: int | str) -> int | str:
+        if v != "auto" and not 1 <= v <= 4096:
+            raise ValueError(f"must be 'auto' or 1..4096 (got {v})")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SearchConfig:
+        _rule(not self.enabled or bool(self.space), "space", "an enabled search needs at least one key to vary")
+        problems = [p for key, spec in self.space.items() for p in _space_problems(key, spec)]
+        grids = [k for k, s in self.space.items() if s.grid is not None]
+        if self.search_alg == "optuna" and grids:
+            problems.append(f"{grids}: optuna samples its own points; use choice instead of grid")
+        _rule(not problems, "space", "; ".join(problems))
+        return self
+
+
 class PipelineConfig(_Section):
     name: str = Field("default", min_length=1, max_length=100, description="MLflow run name prefix")
     experiment: str = Field("unislim", min_length=1, max_length=200, description="MLflow experiment")
@@ -294,6 +412,7 @@ class PipelineConfig(_Section):
     adapt: AdaptConfig = Field(default_factory=AdaptConfig, description="Expert-Frozen Tuning + MoE adaptation")
     mod: ModConfig = Field(default_factory=ModConfig, description="task-aware Mixture-of-Depths (UniMoD)")
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="evaluation")
+    search: SearchConfig = Field(default_factory=SearchConfig, description="Ray Tune search over partition / adapt")
 
     @model_validator(mode="after")
     def _pretrain_needs_reference(self) -> PipelineConfig:
@@ -319,6 +438,8 @@ class PipelineConfig(_Section):
               "an injected failure needs adapt.max_failures >= 1 to recover")
         _rule(not (self.mod.enabled and self.mod.schedule == "auto" and not self.score.enabled), "mod.schedule",
               "auto derives capacities from the scores: set score.enabled=true (or mod.schedule=table)")
+        _rule(not (self.search.enabled and not self.score.enabled), "search.enabled",
+              "trials partition by the neuron scores: set score.enabled=true (or search.enabled=false)")
         kinds = sorted({t.kind for t in self.shard.tasks})
         _rule(not (self.shard.enabled and self.model.source == "reference" and "text" in kinds), "shard.tasks",
               "the reference model runs 'und' and 'gen' tasks, not 'text'")
@@ -334,11 +455,13 @@ class PipelineConfig(_Section):
 
 
 def _format(err: dict[str, Any]) -> str:
-    loc = [str(p) for p in err["loc"]]
+    loc = [str(p) for p in err["loc"] if p != "[key]"]  # a dict key's own error names the key
     msg = err["msg"]
     if msg.startswith("Value error, @"):  # a `_rule`: "@field: message"
         field, _, msg = msg[len("Value error, @"):].partition(": ")
         loc = loc + field.split(".")  # the field is relative to the section that raised
+    elif msg.startswith("Value error, "):  # a validator's plain ValueError
+        msg = msg[len("Value error, "):]
     elif err["type"] == "extra_forbidden":
         msg = "unknown key"
     elif "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], dict):
