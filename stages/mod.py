@@ -99,7 +99,8 @@ def mod_fields(m: Any, config, scores: Path | None) -> tuple[dict | None, dict]:
         importance = layer_importance(scores)
         info["importance"] = {t: v.tolist() for t, v in importance.items()}
         capacity = auto_schedule(importance, budget=m.budget, weights=weights, min_capacity=m.min_capacity,
-                                 max_importance=m.max_importance, shared=m.routing == "shared")
+                                 max_importance=m.max_importance, sharpness=m.sharpness,
+                                 shared=m.routing == "shared")
     info["mean_capacity"] = mean_capacity(capacity, weights)
     fields = {"mod_capacity": capacity, "mod_routing": m.routing, "mod_keep_last": {"und": m.und_keep_last},
               "mod_causal_tasks": ["und"] if m.causal_und else [], "mod_aux_weight": m.aux_weight}

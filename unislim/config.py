@@ -237,6 +237,8 @@ class ModConfig(_Section):
         "auto", description="auto: capacities from the score stage's layer importance; table: mod.table")
     budget: float = Field(0.8, gt=0, le=1, description="auto: token-weighted mean capacity over tasks and layers")
     min_capacity: float = Field(0.25, gt=0, le=1, description="auto: no routed layer keeps fewer tokens than this")
+    sharpness: float = Field(1.0, ge=0, le=4, description="auto: skipped share ∝ 1 / importance^sharpness "
+                             "(0: every routed task and layer alike)")
     max_importance: float = Field(0.3, ge=0, le=2, description="auto: a layer whose importance (1 - block cosine) "
                                   "for a task exceeds this stays dense for that task")
     table: dict[Literal["und", "gen"], list[float]] | None = Field(

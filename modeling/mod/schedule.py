@@ -6,9 +6,10 @@ the redundancy signal is the score stage's layer importance `1 − cos(block inp
 per task (Slim & Sparse Eq. 3): a layer that barely changes a task's tokens can skip many of them.
 
 `auto_schedule`: a layer whose importance for task t exceeds `max_importance` stays dense for t;
-every other (task, layer) skips a fraction of tokens inversely proportional to its importance,
-`1 − c = min(1 − min_capacity, λ / importance)`, with λ set (bisection) so the token-weighted mean
-capacity over tasks and layers equals `budget`. `shared=True` gives the task-agnostic baseline:
+every other (task, layer) skips a fraction of tokens inversely proportional to its importance
+raised to `sharpness`, `1 − c = min(1 − min_capacity, λ / importance^sharpness)`, with λ set
+(bisection) so the token-weighted mean capacity over tasks and layers equals `budget`
+(sharpness 0: every routed pair skips alike; 1: a layer half as important skips twice as much). `shared=True` gives the task-agnostic baseline:
 the task-weighted mean importance stands for every task, so each layer has one capacity for all.
 """
 
@@ -25,7 +26,7 @@ def _mean_capacity(caps: dict[str, torch.Tensor], weights: dict[str, float]) -> 
 
 
 def auto_schedule(importance: dict[str, torch.Tensor], *, budget: float, weights: dict[str, float] | None = None,
-                  min_capacity: float = 0.25, max_importance: float = 0.3,
+                  min_capacity: float = 0.25, max_importance: float = 0.3, sharpness: float = 1.0,
                   shared: bool = False) -> dict[str, list[float]]:
     """importance: task → (L,) layer importance; weights: task → share of training tokens (sum 1).
 
@@ -40,7 +41,7 @@ def auto_schedule(importance: dict[str, torch.Tensor], *, budget: float, weights
     routed = {t: imp[t] <= max_importance for t in tasks}  # (L,) bool
 
     def capacities(lam: float) -> dict[str, torch.Tensor]:
-        skip = {t: (lam / imp[t]).clamp(max=1.0 - min_capacity) for t in tasks}
+        skip = {t: (lam / imp[t] ** sharpness).clamp(max=1.0 - min_capacity) for t in tasks}
         return {t: torch.where(routed[t], 1.0 - skip[t], torch.ones_like(skip[t])) for t in tasks}
 
     floor = _mean_capacity(capacities(1e9), weights)

@@ -202,5 +202,8 @@ def test_auto_schedule_meets_budget_and_follows_importance():
     # the less a layer changes a task's tokens, the fewer it processes; gen is the more redundant task
     assert aware["gen"][2] < aware["gen"][1] < aware["gen"][3] or aware["gen"][2] < aware["gen"][3] < aware["gen"][1]
     assert sum(aware["gen"]) < sum(aware["und"])
+    flat = auto_schedule(importance, budget=0.8, weights=weights, max_importance=0.3, sharpness=0.0)
+    assert len({c for t in flat for c in flat[t][1:]}) == 1  # every routed pair alike
+    assert mean_capacity(flat, weights) == pytest.approx(0.8, abs=1e-3)
     with pytest.raises(ValueError, match="budget"):
         auto_schedule(importance, budget=0.3, weights=weights, min_capacity=0.5)
