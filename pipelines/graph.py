@@ -88,6 +88,9 @@ def plan(cfg: PipelineConfig) -> list[StageSpec]:
                 label = f"evaluate-{stage}" + ("-eft" if output == "checkpoint_eft" else "")
                 specs.append(StageSpec("evaluate", ("evaluate",), {"checkpoint": (stage, output)},
                                        label=label, num_cpus=1))
+    if cfg.accelerate.enabled:  # measures latency: holds a CPU like evaluate
+        inputs = {"checkpoint": checkpoint, **({"scores": ("score", "scores")} if cfg.score.enabled else {})}
+        specs.append(StageSpec("accelerate", ("model", "evaluate", "accelerate"), inputs, num_cpus=1))
     return specs
 
 

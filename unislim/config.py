@@ -94,6 +94,70 @@ class EvaluateConfig(_Section):
     seed: int = Field(0, ge=0, le=2**31 - 1, description="seed for prompts, scenes and noise")
 
 
+class TaskPruningConfig(_Section):
+    enabled: bool = Field(True, description="separate MLP widths per task, cut by each task's own neuron scores")
+    keep_und: float = Field(0.5, gt=0, le=1, description="fraction of each MLP's neurons understanding keeps")
+    keep_gen: float = Field(0.5, gt=0, le=1, description="fraction of each MLP's neurons generation keeps")
+    full_last_steps: int = Field(4, ge=0, le=1000, description="tau: the last denoising steps run the full network")
+
+
+class LayerSkipConfig(_Section):
+    enabled: bool = Field(True, description="generation skips its most redundant layers, re-measured every T steps")
+    every: int = Field(5, ge=1, le=1000, description="T: steps between measurements of layer in/out cosine similarity")
+    count: int = Field(1, ge=0, le=1000, description="r: most redundant layers skipped until the next measurement")
+
+
+class CfgScheduleConfig(_Section):
+    enabled: bool = Field(True, description="a piecewise CFG scale over the denoising steps")
+    segments: list[tuple[float, float]] = Field(
+        [(0.0, 1.0), (0.2, 3.0), (0.7, 1.0)], min_length=1, max_length=100,
+        description="(start as a fraction of the steps, CFG scale) pairs; scale 1 runs no unconditional pass")
+
+    @model_validator(mode="after")
+    def _segments(self) -> CfgScheduleConfig:
+        starts = [s for s, _ in self.segments]
+        _rule(starts[0] == 0 and all(a < b for a, b in zip(starts, starts[1:])) and starts[-1] < 1, "segments",
+              f"starts must begin at 0.0 and increase strictly below 1.0 (got {starts})")
+        _rule(all(1.0 <= v <= 50.0 for _, v in self.segments), "segments",
+              f"scales must be in [1, 50] (got {[v for _, v in self.segments]})")
+        return self
+
+
+class HeadCacheConfig(_Section):
+    enabled: bool = Field(True, description="run the backbone every T_cache steps only, reuse it in between")
+    every: int = Field(2, ge=1, le=1000, description="T_cache: steps between backbone runs")
+    reuse: Literal["backbone", "velocity"] = Field(
+        "backbone", description="backbone: reuse hidden states, recompute the diffusion head with the new timestep; "
+                                "velocity: reuse the head's output")
+
+
+class TokenPruningConfig(_Section):
+    enabled: bool = Field(True, description="understanding drops low value-norm image tokens after one layer")
+    layer: int = Field(0, ge=0, le=1000, description="l: the layer whose value vectors rank the image tokens")
+    keep: float = Field(0.75, gt=0, le=1, description="fraction of image tokens the later layers keep")
+
+
+class AccelerateConfig(_Section):
+    enabled: bool = Field(False, description="FlashU-style training-free acceleration, measured against the "
+                          "unaccelerated model (each technique alone and combined)")
+    task_pruning: TaskPruningConfig = Field(default_factory=TaskPruningConfig, description="task-specific pruning")
+    layer_skip: LayerSkipConfig = Field(default_factory=LayerSkipConfig, description="dynamic layer skipping (gen)")
+    cfg_schedule: CfgScheduleConfig = Field(default_factory=CfgScheduleConfig, description="time-varying guidance")
+    head_cache: HeadCacheConfig = Field(default_factory=HeadCacheConfig, description="diffusion-head cache (gen)")
+    token_pruning: TokenPruningConfig = Field(default_factory=TokenPruningConfig,
+                                              description="V-norm visual-token pruning (und)")
+    latency_repeats: int = Field(7, ge=1, le=1000, description="timed rounds (interleaved; the median is reported)")
+    latency_und_samples: int = Field(48, ge=1, le=100_000, description="understanding samples per timed call")
+    latency_gen_samples: int = Field(6, ge=1, le=100_000, description="generation prompts per timed call")
+
+    @model_validator(mode="after")
+    def _something_on(self) -> AccelerateConfig:
+        on = [n for n in ("task_pruning", "layer_skip", "cfg_schedule", "head_cache", "token_pruning")
+              if getattr(self, n).enabled]
+        _rule(not self.enabled or bool(on), "enabled", "needs at least one technique enabled")
+        return self
+
+
 class CalibrationTask(_Section):
     name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="task name (file and score names)")
     kind: Literal["und", "gen", "text"] = Field(description="how a row runs: understanding, generation, causal LM")
@@ -414,6 +478,7 @@ class PipelineConfig(_Section):
     adapt: AdaptConfig = Field(default_factory=AdaptConfig, description="Expert-Frozen Tuning + MoE adaptation")
     mod: ModConfig = Field(default_factory=ModConfig, description="task-aware Mixture-of-Depths (UniMoD)")
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="evaluation")
+    accelerate: AccelerateConfig = Field(default_factory=AccelerateConfig, description="FlashU acceleration")
     search: SearchConfig = Field(default_factory=SearchConfig, description="Ray Tune search over partition / adapt")
 
     @model_validator(mode="after")
@@ -445,6 +510,16 @@ class PipelineConfig(_Section):
         kinds = sorted({t.kind for t in self.shard.tasks})
         _rule(not (self.shard.enabled and self.model.source == "reference" and "text" in kinds), "shard.tasks",
               "the reference model runs 'und' and 'gen' tasks, not 'text'")
+        return self
+
+    @model_validator(mode="after")
+    def _accelerate_inputs(self) -> PipelineConfig:
+        a = self.accelerate
+        _rule(not (a.enabled and a.task_pruning.enabled and not self.score.enabled), "accelerate.task_pruning",
+              "cuts each task's MLPs by its neuron scores: set score.enabled=true (or task_pruning.enabled=false)")
+        _rule(not (a.enabled and a.task_pruning.enabled and a.task_pruning.full_last_steps > self.evaluate.steps),
+              "accelerate.task_pruning.full_last_steps", f"must be <= evaluate.steps "
+              f"(got {a.task_pruning.full_last_steps} > {self.evaluate.steps})")
         return self
 
     def digest(self) -> str:

@@ -48,7 +48,8 @@ def timing_batches(n_und: int, n_gen: int, seed: int, device) -> tuple[torch.Ten
 @torch.no_grad()
 def latency_ms(models: dict[str, nn.Module], *, n_und: int, n_gen: int, steps: int, cfg_scale: float | None,
                repeats: int, seed: int = 0) -> dict[str, dict[str, float]]:
-    """{name: {"und": ms per sample, "gen": ms per sample}}: median over `repeats` interleaved rounds."""
+    """{name: {"und", "gen": wall-clock ms per sample, "und_cpu", "gen_cpu": this process's CPU ms per
+    sample}}, each the median over `repeats` interleaved rounds."""
     device = next(iter(models.values())).device
     images, questions, prompts = timing_batches(n_und, n_gen, seed, device)
     und = {n: (lambda m=m: m.answer(images, questions, max_new_tokens=ANSWER_LEN)) for n, m in models.items()}
@@ -56,4 +57,5 @@ def latency_ms(models: dict[str, nn.Module], *, n_und: int, n_gen: int, steps: i
                                              generator=torch.Generator().manual_seed(seed)))
            for n, m in models.items()}  # fmt: skip
     und_s, gen_s = interleaved_latency(und, repeats), interleaved_latency(gen, repeats)
-    return {n: {"und": 1000 * und_s[n] / n_und, "gen": 1000 * gen_s[n] / n_gen} for n in models}
+    return {n: {"und": 1000 * und_s[n]["wall"] / n_und, "gen": 1000 * gen_s[n]["wall"] / n_gen,
+                "und_cpu": 1000 * und_s[n]["cpu"] / n_und, "gen_cpu": 1000 * gen_s[n]["cpu"] / n_gen} for n in models}
