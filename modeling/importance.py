@@ -129,13 +129,21 @@ class CalibrationRecorder:
             self._sums[prefix + key] = self._sums[prefix + key] + value
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, T, ·) → (N, ·) real tokens only; 2-D inputs (tokens already routed) pass as they are."""
-        if x.dim() == 3 and self.token_mask is not None:
-            return x[self.token_mask.to(x.device)]
+        """(B, T, ·) → (N, ·) real tokens only; 2-D inputs (tokens already routed) pass as they are.
+
+        Gathering copies the activations, so it is skipped when every token is real."""
+        mask = self.token_mask
+        if x.dim() == 3 and mask is not None and not (mask.shape == x.shape[:2] and bool(mask.all())):
+            return x[mask.to(x.device)]
         return x.reshape(-1, x.shape[-1])
 
     def _cos_sum(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return F.cosine_similarity(self._rows(a).float(), self._rows(b).float(), dim=-1).double().sum()
+        """Σ over real tokens of cos(a, b): computed on every token, the padding masked out of the sum
+        (cheaper than gathering two copies of the real rows)."""
+        cos = F.cosine_similarity(a.float(), b.float(), dim=-1)  # (B, T) or (N,)
+        if a.dim() == 3 and self.token_mask is not None:
+            cos = torch.where(self.token_mask.to(cos.device), cos, 0.0)
+        return cos.sum(dtype=torch.float64)
 
     def _layer_in(self, i: int, args, kwargs) -> None:
         self._inputs[i] = _hidden(args, kwargs).detach()
@@ -155,17 +163,18 @@ class CalibrationRecorder:
             self._add(f"layer.{i}.attn_cos", self._cos_sum(x, x))
         self._add(f"layer.{i}.block_cos", self._cos_sum(x, out))
         self._add(f"layer.{i}.mlp_cos", self._cos_sum(mid, out))
-        self._add(f"layer.{i}.tokens", torch.tensor(float(self._rows(x).shape[0])))
+        n = x.shape[0] if x.dim() == 2 else (int(self.token_mask.sum()) if self.token_mask is not None else x.shape[0] * x.shape[1])
+        self._add(f"layer.{i}.tokens", torch.tensor(float(n)))
 
     def _mlp_in(self, name: str, h: torch.Tensor) -> None:  # h (B, T, ff) or (N, ff)
         rows = self._rows(h.detach())
-        self._add(f"{name}.abs_sum", rows.abs().double().sum(0))
+        self._add(f"{name}.abs_sum", torch.linalg.vector_norm(rows, ord=1, dim=0, dtype=torch.float64))  # Σ|h|
         self._add(f"{name}.tokens", torch.tensor(float(rows.shape[0])))
 
     def _o_in(self, name: str, z: torch.Tensor) -> None:  # z (B, T, H·hd) or (N, H·hd)
         ref = self.attns[name]
         rows = self._rows(z.detach()).view(-1, ref.num_heads, ref.head_dim)
-        self._add(f"{name}.head_norm_sum", rows.double().norm(dim=-1).sum(0))
+        self._add(f"{name}.head_norm_sum", torch.linalg.vector_norm(rows, dim=-1, dtype=torch.float64).sum(0))
         self._add(f"{name}.tokens", torch.tensor(float(rows.shape[0])))
 
     def stats(self) -> dict[str, torch.Tensor]:
