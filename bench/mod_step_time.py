@@ -7,7 +7,7 @@ jobs on the machine falls on all three alike. Plain torch, not DeepSpeed: this m
 model's compute, not the engine's overhead. FLOPs per step are counted from the tokens each layer
 processed (`count_flops`, 3 × forward).
 
-    python bench/mod_step_time.py CHECKPOINT SCORES [--budget 0.8] [--steps 60] [--threads 1]
+    python -P bench/mod_step_time.py CHECKPOINT SCORES [--budget 0.8] [--steps 60] [--threads 1] [--set k=v]
 
 Prints a table and writes bench/results/mod-step-time-<variant>.json.
 """
@@ -34,6 +34,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps per model first")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--set", action="append", default=[], help="another mod.* field, e.g. --set sharpness=0.5")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
@@ -43,20 +44,25 @@ def main() -> None:
     from unislim.modeling.reference import make_batch, make_optimizer
     from unislim.stages.mod import cost, mod_fields
 
+    import yaml
+
+    extra = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in args.set)}
     torch.set_num_threads(args.threads)
     dense = load_model(args.checkpoint).train()
     models = {"dense": dense}
     for name, routing in (("task-agnostic", "shared"), ("task-aware", "task")):
-        m = ModConfig(enabled=True, routing=routing, budget=args.budget)
+        m = ModConfig(enabled=True, routing=routing, budget=args.budget, **extra)
         fields, _ = mod_fields(m, dense.config, Path(args.scores))
         models[name] = UniDigitsModModel.from_dense(load_model(args.checkpoint), **fields).train()
     optimizers = {n: make_optimizer(model, 1e-4, args.warmup + args.steps)[0] for n, model in models.items()}
-    flops = {n: cost(dense, model, args.batch_size)["mod/train_flops_per_step"] for n, model in models.items()}
+    und_fraction = extra.get("und_fraction", 0.5)
+    flops = {n: cost(dense, model, args.batch_size, und_fraction)["mod/train_flops_per_step"]
+             for n, model in models.items()}
 
     times: dict[str, list[float]] = {n: [] for n in models}
     names = list(models)
     for step in range(args.warmup + args.steps):
-        batch = make_batch(args.batch_size, torch.Generator().manual_seed(step))
+        batch = make_batch(args.batch_size, torch.Generator().manual_seed(step), und_fraction=und_fraction)
         for name in names[step % 3:] + names[: step % 3]:
             model, opt = models[name], optimizers[name]
             t0 = time.perf_counter()
@@ -81,7 +87,7 @@ def main() -> None:
     variant = dense.config.variant
     out = Path(args.out or Path(__file__).parent / "results" / f"mod-step-time-{variant}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"checkpoint": args.checkpoint, "budget": args.budget, "steps": args.steps,
+    out.write_text(json.dumps({"checkpoint": args.checkpoint, "budget": args.budget, "mod": extra, "steps": args.steps,
                                "batch_size": args.batch_size, "threads": args.threads, "machine": platform.node(),
                                "processor": platform.processor(), "rows": rows}, indent=1))
     print(f"wrote {out}")

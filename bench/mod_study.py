@@ -5,7 +5,7 @@ trained checkpoint and score-stage scores — `routing` none (dense fine-tune, s
 (one router and capacity for all tasks) and task (a router and a schedule per task), the two MoD
 runs at the same budget — then evaluates each checkpoint with the `evaluate` stage's function.
 
-    python bench/mod_study.py CHECKPOINT SCORES --out DIR [--steps 300] [--budget 0.8] [--set key=value ...]
+    python -P bench/mod_study.py CHECKPOINT SCORES --out DIR [--steps 300] [--budget 0.8] [--set key=value ...]
 
 Writes DIR/<routing>/ (the stage outputs) and DIR/study.json; prints the table.
 """
@@ -56,15 +56,37 @@ def main() -> None:
             (folder / "stage_time.json").write_text(json.dumps({"wall_s": round(time.time() - t0, 1)}))
         if not (folder / "eval" / "metrics.json").exists():
             evaluate_checkpoint(folder / "checkpoint", n_und=40, n_gen=24, steps=20, out_dir=folder / "eval")
+        if not (folder / "heldout_loss.json").exists():
+            (folder / "heldout_loss.json").write_text(json.dumps(heldout_loss(folder / "checkpoint")))
         rows[routing] = {**json.loads((folder / "metrics.json").read_text()),
-                         **json.loads((folder / "eval" / "metrics.json").read_text())}
+                         **json.loads((folder / "eval" / "metrics.json").read_text()),
+                         **json.loads((folder / "heldout_loss.json").read_text())}
         (out / "study.json").write_text(json.dumps(rows, indent=1))
     keys = ("mod/train_flops_saved", "mod/step_time_s", "mme/overall", "geneval/overall", "fid/gen",
+            "heldout/und_loss", "heldout/gen_loss",
             "mod/und_flops_saved", "mod/gen_flops_saved")
     print("| routing | " + " | ".join(keys) + " |")
     for routing, r in rows.items():
         print(f"| {routing} | " + " | ".join(f"{r.get(k, float('nan')):.4g}" for k in keys) + " |")
     ray.shutdown()
+
+
+def heldout_loss(checkpoint: Path, batches: int = 8, batch_size: int = 64) -> dict[str, float]:
+    """Understanding CE and generation flow-matching MSE on held-out batches, inference routing
+    (eval mode): a lower-noise quality signal than 240 questions / 144 prompts."""
+    import torch
+
+    from unislim.modeling.loading import load_model
+    from unislim.modeling.reference import make_batch
+
+    model = load_model(checkpoint).eval()
+    sums = {"und_loss": 0.0, "gen_loss": 0.0}
+    with torch.no_grad():
+        for i in range(batches):
+            out = model(**make_batch(batch_size, torch.Generator().manual_seed(10_000 + i), "heldout", cfg_dropout=0.0))
+            for k in sums:
+                sums[k] += float(getattr(out, k)) / batches
+    return {f"heldout/{k}": round(v, 5) for k, v in sums.items()}
 
 
 if __name__ == "__main__":
