@@ -46,7 +46,7 @@ def run(cfg: Any, inputs: dict, ctx: Any) -> dict[str, str]:
     before = model.num_parameters()
     moe, partition = convert_to_moe(model, neuron_scores, layers=layers, num_experts=p.num_experts,
                                     num_shared=p.num_shared, top_k=p.top_k, component=p.component, impl=p.impl,
-                                    aux_loss_coef=p.aux_loss_coef)
+                                    aux_loss_coef=p.aux_loss_coef, und_frozen=p.und_frozen)
 
     out = Path(ctx.out_dir)
     moe.save_pretrained(out / "checkpoint")

@@ -240,6 +240,8 @@ class PartitionConfig(_Section):
     num_shared: int = Field(8, ge=0, le=4096, description="shared experts: the top cumulative-score neurons")
     active_fraction: float = Field(0.5, gt=0, le=1, description="fraction of each MLP's neurons active per token")
     aux_loss_coef: float = Field(0.01, ge=0, le=10, description="weight of the load-balancing loss in training")
+    und_frozen: bool = Field(False, description="shared variant: understanding forwards (dense) send no gradient "
+                             "into the experts, so adaptation trains them for generation only (paper §5.4)")
     impl: Literal["auto", "loop", "grouped"] = Field(
         "auto", description="MoE kernel: per-expert loop (CPU reference), grouped GEMM (GPU), auto")
 
