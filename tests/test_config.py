@@ -88,3 +88,25 @@ def test_every_field_is_documented():
             if isinstance(ann, type) and issubclass(ann, PipelineConfig.__mro__[1]):
                 walk(ann)
     walk(PipelineConfig)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["partition.enabled=true", "partition.num_shared=64"],
+     "partition.num_shared: must be < partition.num_experts (got 64 >= 64)"),
+    (["partition.enabled=true", "partition.active_fraction=0.1"], "partition.active_fraction: "),
+    (["adapt.enabled=true"], "adapt.enabled: adaptation trains the partitioned model"),
+    (["partition.enabled=true", "adapt.enabled=true", "adapt.fail_at_step=50", "adapt.max_failures=1"],
+     "adapt.fail_at_step: must come after the first checkpoint"),
+    (["partition.enabled=true", "adapt.enabled=true", "adapt.fail_at_step=200"],
+     "adapt.fail_at_step: an injected failure needs adapt.max_failures >= 1"),
+    (["partition.enabled=true", "partition.calibration=nope"], "partition.calibration: must be 'all' or a task"),
+])
+def test_moe_rules_name_the_bad_key(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(REPO / "pipeline.yaml", overrides)
+    assert any(message in line for line in e.value.errors), e.value.errors
+
+
+def test_partition_top_k_is_the_active_budget_minus_shared():
+    cfg = load_config(REPO / "pipeline.yaml", ["partition.enabled=true"])
+    assert cfg.partition.top_k == 24  # 50% of 64 experts = 8 shared + 24 routed (the paper's layout)
