@@ -140,7 +140,7 @@ def train_loop(config: dict) -> None:
         engine.step()
         for k in keys:
             value = getattr(out, k, None)
-            sums[k] += float(value) if value is not None else 0.0
+            sums[k] += float(value.detach()) if value is not None else 0.0
 
         done = step + 1
         if done % config["log_every"] == 0 or done == steps:
