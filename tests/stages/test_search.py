@@ -76,6 +76,26 @@ def test_param_space_draws_integers_for_int_fields():
     assert space["partition.num_experts"] == {"grid_search": [4, 8]}
 
 
+def test_optuna_samples_the_space_when_installed_else_a_clear_error():
+    import importlib.util
+
+    from unislim.pipelines.tuning import searcher
+
+    assert searcher("random", 0) is None  # Tune's default: random and grid
+    if importlib.util.find_spec("optuna") is None:
+        with pytest.raises(ImportError, match="pip install optuna"):
+            searcher("optuna", 0)
+        return
+    cfg = load_config(data=_search_config(search_alg="optuna", space={
+        "partition.num_experts": {"choice": [4, 8]}, "adapt.moe_steps": {"uniform": [2, 6]}}))
+    tpe = searcher("optuna", 0)
+    assert tpe.set_search_properties("score", "max", param_space(cfg.search))
+    for i in range(4):
+        suggested = tpe.suggest(f"t{i}")
+        assert suggested["partition.num_experts"] in (4, 8) and suggested["adapt.moe_steps"] in range(2, 7)
+        tpe.on_trial_complete(f"t{i}", {"score": float(i), "training_iteration": 1})
+
+
 def test_a_trial_applies_its_values_and_a_rejected_combination_names_itself():
     cfg = load_config(data=_search_config())
     base = {k: getattr(cfg, k).model_dump(mode="json") for k in ("partition", "adapt")}
