@@ -62,8 +62,9 @@ def searcher(name: str, seed: int):
 
 
 def tune_search(trial: Callable[..., None], param_space: dict[str, Any], ctx: StageContext, *,
-                trial_args: dict[str, Any], metric: str, mode: str, num_samples: int, max_concurrent: int, search_alg: str = "random",
-                seed: int = 0, asha_rungs: int = 0, reduction_factor: int = 2) -> tune.ResultGrid:
+                trial_args: dict[str, Any], metric: str, mode: str, num_samples: int, max_concurrent: int,
+                search_alg: str = "random", seed: int = 0, asha_rungs: int = 0,
+                reduction_factor: int = 2) -> tune.ResultGrid:
     """Run (or resume) the search; return every trial's results. Each trial calls
     `trial(config, **trial_args)`; `asha_rungs` > 1 turns ASHA on over that many reports per trial."""
     path = experiment_path(ctx)

@@ -163,8 +163,9 @@ def test_an_interrupted_search_resumes_without_redoing_finished_trials(ray_clust
         if len(finished) >= 2:
             break
         time.sleep(0.5)
-    assert proc.poll() is None, f"the search ended before it could be interrupted:\n{(tmp_path / 'attempt1.log').read_text()[-3000:]}"
-    assert len(finished) >= 2, (tmp_path / "attempt1.log").read_text()[-3000:]
+    tail = (tmp_path / "attempt1.log").read_text()[-3000:]
+    assert proc.poll() is None, f"the search ended before it could be interrupted:\n{tail}"
+    assert len(finished) >= 2, tail
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     (work,) = (runs / "ray_tune").glob("search-*.trials")
