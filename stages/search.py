@@ -71,6 +71,7 @@ def run(cfg: Any, inputs: dict, ctx: Any) -> dict[str, str]:
     s = cfg.search
     out = Path(ctx.out_dir)
     work = tuning.experiment_path(ctx).with_name(f"search-{ctx.key}.trials")
+    _start_over_if_forced(ctx, work)
     work.mkdir(parents=True, exist_ok=True)
     dense = _dense_reference(Path(inputs["checkpoint"].path), s, cfg.evaluate, work, ctx)
     base = {k: getattr(cfg, k).model_dump(mode="json") if hasattr(getattr(cfg, k), "model_dump") else getattr(cfg, k)
@@ -125,6 +126,17 @@ def run(cfg: Any, inputs: dict, ctx: Any) -> dict[str, str]:
                  f"({ {k: _plain(best[k]) for k in setup.keys} })")
     return {"trials": "trials.parquet", "pareto": "plots/pareto.png", "best_pipeline": "best_pipeline.yaml",
             "checkpoint": "best/checkpoint"}
+
+
+def _start_over_if_forced(ctx: Any, work: Path) -> None:
+    """A complete output under this key while the stage runs again means `--force search`: drop the
+    old Tune experiment and trial folders, so the trials run anew instead of being restored."""
+    from unislim.pipelines.store import load_complete
+
+    if load_complete(Path(ctx.runs_dir) / ctx.stage / ctx.key) is not None:
+        ctx.progress("forced: starting a new Tune experiment")
+        shutil.rmtree(tuning.experiment_path(ctx), ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def param_space(s: SearchConfig) -> dict[str, Any]:

@@ -122,6 +122,25 @@ def test_pareto_front_keeps_what_nothing_beats_on_both():
     assert sorted(pareto_front(table, "params_active")) == ["a", "b", "c"]  # d: b is cheaper and better; e: a
 
 
+def test_a_forced_rerun_starts_a_new_experiment_and_a_resume_keeps_the_old(tmp_path):
+    from unislim.pipelines import tuning
+    from unislim.pipelines.context import StageContext
+    from unislim.pipelines.store import Manifest
+    from unislim.stages.search import _start_over_if_forced
+
+    ctx = StageContext(stage="search", key="k1", out_dir=tmp_path / "tmp", runs_dir=tmp_path)
+    experiment, work = tuning.experiment_path(ctx), tmp_path / "ray_tune" / "search-k1.trials"
+    for folder in (experiment, work):
+        folder.mkdir(parents=True)
+        (folder / "kept").write_text("")
+    _start_over_if_forced(ctx, work)  # interrupted: no committed output, the experiment is resumed
+    assert (experiment / "kept").exists() and (work / "kept").exists()
+    (tmp_path / "search" / "k1").mkdir(parents=True)
+    Manifest(stage="search", key="k1", dir="").save(tmp_path / "search" / "k1")
+    _start_over_if_forced(ctx, work)  # complete and running again: --force
+    assert not experiment.exists() and not work.exists()
+
+
 # ------------------------------------------------------------------------------------ slow
 
 
