@@ -61,13 +61,14 @@ def main() -> None:
         return
 
     model = load_model(args.checkpoint, device=args.device, dtype=getattr(torch, args.dtype))
-    models = variants(model, accelerate.acceleration_from_config(a), accelerate.task_scores(Path(args.scores)))
+    models = variants(model, accelerate.acceleration_from_config(a), accelerate.task_scores(Path(args.scores)),
+                      a.combined)
     n_und, n_gen = args.batch or (a.latency_und_samples, a.latency_gen_samples)
     ms = latency_ms(models, n_und=n_und, n_gen=n_gen, steps=e.steps, cfg_scale=e.cfg_scale,
                     repeats=args.repeats or a.latency_repeats, seed=e.seed)
     base = ms["baseline"]
     cpu = args.device == "cpu"
-    print(f"{models[list(models)[-1]].acceleration.describe()} on {args.device} ({_machine(args.device)}), "
+    print(f"{models.get('combined', list(models.values())[-1]).acceleration.describe()} on {args.device} ({_machine(args.device)}), "
           f"{n_und} und samples / {n_gen} gen prompts per call, {e.steps} steps")
     print("| variant | und ms/sample | speed-up und | gen ms/sample | speed-up gen |" + (" CPU-time speed-up und / gen |" if cpu else ""))
     print("|---|---|---|---|---|" + ("---|" if cpu else ""))

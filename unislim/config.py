@@ -146,6 +146,10 @@ class AccelerateConfig(_Section):
     head_cache: HeadCacheConfig = Field(default_factory=HeadCacheConfig, description="diffusion-head cache (gen)")
     token_pruning: TokenPruningConfig = Field(default_factory=TokenPruningConfig,
                                               description="V-norm visual-token pruning (und)")
+    combined: list[Literal["task_pruning", "layer_skip", "cfg_schedule", "head_cache", "token_pruning"]] | None = Field(
+        ["task_pruning", "head_cache", "token_pruning"], max_length=5,
+        description="the techniques of the combined variant metrics.json reports (null: every enabled one); every "
+                    "enabled technique is also reported alone, and all of them together")
     latency_repeats: int = Field(7, ge=1, le=1000, description="timed rounds (interleaved; the median is reported)")
     latency_und_samples: int = Field(48, ge=1, le=100_000, description="understanding samples per timed call")
     latency_gen_samples: int = Field(6, ge=1, le=100_000, description="generation prompts per timed call")
@@ -155,6 +159,9 @@ class AccelerateConfig(_Section):
         on = [n for n in ("task_pruning", "layer_skip", "cfg_schedule", "head_cache", "token_pruning")
               if getattr(self, n).enabled]
         _rule(not self.enabled or bool(on), "enabled", "needs at least one technique enabled")
+        off = [n for n in self.combined or [] if n not in on]
+        _rule(not (self.enabled and (off or self.combined == [])), "combined",
+              f"must name enabled techniques, at least one (got {self.combined}; not enabled: {off})")
         return self
 
 

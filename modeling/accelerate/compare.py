@@ -24,14 +24,18 @@ from .runtime import AcceleratedModel
 from .settings import Acceleration
 
 
-def variants(model: nn.Module, acceleration: Acceleration,
-             scores: dict[str, dict[str, torch.Tensor]] | None) -> dict[str, nn.Module]:
-    """{"baseline": model, <technique>: that technique alone, ..., "combined": all of them}."""
+def variants(model: nn.Module, acceleration: Acceleration, scores: dict[str, dict[str, torch.Tensor]] | None,
+             combined: list[str] | None = None) -> dict[str, nn.Module]:
+    """{"baseline": model, <technique>: that technique alone, ..., "combined": the techniques
+    `combined` (default: all), "all": every technique, when that is not what "combined" holds}."""
+    combined = combined or acceleration.enabled
     out: dict[str, nn.Module] = {"baseline": model}
     for technique in acceleration.enabled:
         out[technique] = AcceleratedModel(model, acceleration.only(technique), scores)
-    if len(acceleration.enabled) > 1:
-        out["combined"] = AcceleratedModel(model, acceleration, scores)
+    if len(combined) > 1:
+        out["combined"] = AcceleratedModel(model, acceleration.subset(combined), scores)
+    if len(acceleration.enabled) > 1 and set(combined) != set(acceleration.enabled):
+        out["all"] = AcceleratedModel(model, acceleration, scores)
     return out
 
 

@@ -86,6 +86,10 @@ class Acceleration:
         """This acceleration with every other technique switched off."""
         return Acceleration(**{technique: getattr(self, technique)})
 
+    def subset(self, techniques: list[str]) -> Acceleration:
+        """This acceleration with only `techniques` on."""
+        return Acceleration(**{t: getattr(self, t) for t in techniques})
+
     def without(self, technique: str) -> Acceleration:
         return replace(self, **{technique: None})
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
-from unislim.config import AccelerateConfig, EvaluateConfig, ModelConfig, load_config
+from unislim.config import AccelerateConfig, ConfigError, EvaluateConfig, ModelConfig, load_config
 from unislim.modeling.adapters import adapter_for
 from unislim.modeling.reference import UniDigitsModel, reference_config
 from unislim.pipelines.context import StageContext
@@ -43,16 +44,18 @@ def test_stage_reports_each_technique_and_the_combination(tmp_path):
     assert all((out / f).exists() for f in files.values())
 
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["model"].startswith("accelerate:prune=0.5/0.5,tau=1+skip=1/2+")
     for key in ("speedup/und", "speedup/gen", "mme/overall", "geneval/overall", "fid/gen", "flops/gen_per_sample",
                 "latency_ms/und_per_sample", "params/total", "params/active_und", "params/active_gen"):
         assert isinstance(metrics[key], float | int), key
     report = json.loads((out / "accelerate.json").read_text())
-    names = ["baseline", "task_pruning", "layer_skip", "cfg_schedule", "head_cache", "token_pruning", "combined"]
+    names = ["baseline", "task_pruning", "layer_skip", "cfg_schedule", "head_cache", "token_pruning", "combined", "all"]
     assert list(report["rows"]) == names
     rows = report["rows"]
+    assert rows["combined"]["model"] == metrics["model"] == "accelerate:prune=0.5/0.5,tau=1+cache=backbone/2+vnorm=0.75@0"
+    assert rows["all"]["model"].startswith("accelerate:prune=0.5/0.5,tau=1+skip=1/2+cfg=")
     assert rows["baseline"]["speedup/und"] == 1.0 and rows["baseline"]["speedup/gen"] == 1.0
-    assert rows["combined"]["flops/gen_per_sample"] < rows["baseline"]["flops/gen_per_sample"] / 2
+    assert rows["all"]["flops/gen_per_sample"] < rows["combined"]["flops/gen_per_sample"] < rows["baseline"][
+        "flops/gen_per_sample"] / 2
     assert rows["token_pruning"]["flops/und_per_sample"] < rows["baseline"]["flops/und_per_sample"]
     assert rows["task_pruning"]["params/total"] > rows["baseline"]["params/total"]  # two cuts stored besides the full
     assert rows["task_pruning"]["params/active_und"] < rows["baseline"]["params/active"]
@@ -60,6 +63,12 @@ def test_stage_reports_each_technique_and_the_combination(tmp_path):
     assert (out / "accelerate.md").read_text().count("\n| ") == len(names)
     assert (out / "plots" / "side_by_side.png").stat().st_size > 5000
     assert (out / "plots" / "generated_grid.png").exists()
+
+
+def test_combined_must_name_enabled_techniques():
+    with pytest.raises(ConfigError, match=r"accelerate.combined: must name enabled techniques.*\['layer_skip'\]"):
+        load_config(data=tiny_pipeline(accelerate={"enabled": True, "layer_skip": {"enabled": False},
+                                                   "combined": ["layer_skip", "head_cache"]}))
 
 
 def test_off_by_default_and_wired_after_score():
