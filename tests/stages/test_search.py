@@ -66,6 +66,16 @@ def test_values_are_checked_against_the_field_they_name():
         load_config(data=tiny_pipeline(score={"enabled": False}, prune={"enabled": False}, search=SEARCH))
 
 
+def test_the_commented_example_in_pipeline_yaml_validates():
+    text = (REPO / "pipeline.yaml").read_text()
+    lines = text[text.index("# search:"):].splitlines()
+    block = [line[2:] for line in lines[:next(i for i, line in enumerate(lines) if not line.strip())]
+             if line.startswith(("# search:", "#   "))]
+    data = {**yaml.safe_load(text), **yaml.safe_load("\n".join(block))}
+    cfg = load_config(data=data)
+    assert cfg.search.enabled and len(cfg.search.space) == 5
+
+
 def test_param_space_draws_integers_for_int_fields():
     cfg = load_config(data=_search_config(space={"adapt.moe_steps": {"uniform": [2, 5]}, "adapt.lr": {
         "loguniform": [1e-4, 1e-2]}, "partition.num_experts": {"grid": [4, 8]}}))
