@@ -51,10 +51,12 @@ def run(cfg: Any, inputs: dict, ctx: Any) -> dict[str, str]:
         ctx.progress(f"{m.routing} routing, capacities {fields['mod_capacity']}")
     description = f"mod:{m.routing}" + (f":budget={info['mean_capacity']:.3g}" if fields is not None else "")
 
-    loop_config = {"source": str(source), "fields": fields, "steps": m.steps, "seed": cfg.seed, "lr": m.lr,
-                   "router_lr": m.router_lr, "router_init": m.router_init, "warmup_steps": m.warmup_steps, "batch_size": m.batch_size,
-                   "und_fraction": m.und_fraction, "zero_stage": m.zero_stage, "log_every": m.log_every, "checkpoint_every": m.checkpoint_every,
-                   "threads": max(1, int(m.cpus_per_worker))}
+    loop_config = {
+        "source": str(source), "fields": fields, "steps": m.steps, "seed": cfg.seed, "lr": m.lr,
+        "router_lr": m.router_lr, "router_init": m.router_init, "warmup_steps": m.warmup_steps,
+        "batch_size": m.batch_size, "und_fraction": m.und_fraction, "zero_stage": m.zero_stage,
+        "log_every": m.log_every, "checkpoint_every": m.checkpoint_every, "threads": max(1, int(m.cpus_per_worker)),
+    }
     result = training.fit(train_loop, loop_config, ctx, num_workers=m.num_workers, use_gpu=m.use_gpu,
                           cpus_per_worker=m.cpus_per_worker, max_failures=m.max_failures)
     with result.checkpoint.as_directory() as ckpt:

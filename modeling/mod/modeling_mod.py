@@ -202,8 +202,8 @@ class UniDigitsModModel(UniDigitsModel):
 
     def gen_hidden(self, prompt_ids, x_t, *args, **kwargs):
         n_img = self.config.num_image_tokens
-        key_mask = torch.cat([prompt_ids != self.config.pad_token_id,
-                              torch.ones_like(prompt_ids[:, :1].expand(-1, n_img), dtype=torch.bool)], dim=1)  # (B, P + 32)
+        key_mask = torch.cat([prompt_ids != self.config.pad_token_id,  # (B, P + 32)
+                              torch.ones_like(prompt_ids[:, :1].expand(-1, n_img), dtype=torch.bool)], dim=1)
         with self._routing("gen", key_mask):
             return super().gen_hidden(prompt_ids, x_t, *args, **kwargs)
 
@@ -266,8 +266,8 @@ def fit_routers(model: UniDigitsModModel, batches: list[dict], logit_std: float 
         y = torch.cat([p[1] for p in parts]).double()  # (N,)
         Xc, yc = X - X.mean(0), y - y.mean()
         gram = Xc.T @ Xc
-        w = torch.linalg.solve(gram + ridge * gram.trace() / gram.shape[0] * torch.eye(gram.shape[0], dtype=gram.dtype),
-                               Xc.T @ yc)  # (d,)
+        damping = ridge * gram.trace() / gram.shape[0] * torch.eye(gram.shape[0], dtype=gram.dtype)
+        w = torch.linalg.solve(gram + damping, Xc.T @ yc)  # (d,)
         r2 = 1 - float(((Xc @ w - yc) ** 2).sum() / (yc**2).sum().clamp(min=1e-12))
         w = w * (logit_std / (X @ w).std().clamp(min=1e-12))
         router = layers[i].mod_routers[name]
