@@ -6,6 +6,7 @@ the same arguments see exactly the same questions, prompts and starting noise.
 
 from __future__ import annotations
 
+import inspect
 import json
 import time
 from collections.abc import Callable
@@ -137,6 +138,8 @@ def evaluate_reference(
     metrics["params/total"] = float(sum(p.numel() for p in model.parameters()))
     active = getattr(model, "num_active_parameters", None)
     metrics["params/active"] = float(active() if active is not None else metrics["params/total"])
+    if active is not None and "task" in inspect.signature(active).parameters:  # per task, where they differ
+        metrics["params/active_und"], metrics["params/active_gen"] = (float(active(task=t)) for t in ("und", "gen"))
     metrics["flops/und_per_sample"] = float(
         _flops_of(model, lambda: model.answer(images[:1], question_ids[:1], max_new_tokens=ANSWER_LEN))
     )

@@ -439,7 +439,14 @@ class UniDigitsModel(PreTrainedModel):
                 out["shared"].append(name)
         return out
 
-    def num_active_parameters(self) -> int:
-        """Parameters one token passes through: in `mot` a token uses one of each twin pair."""
-        gen_copies = sum(p.numel() for n, p in self.named_parameters() if GEN_SUFFIX in n)
-        return self.num_parameters() - gen_copies
+    def num_active_parameters(self, task: str = "und") -> int:
+        """Parameters one token of `task` passes through: in `mot` a token uses one of each twin pair,
+        the understanding copy for `und`, the `_moe_gen` copy for `gen` (an image token)."""
+        if task not in ("und", "gen"):
+            raise ValueError(f"task must be 'und' or 'gen', got {task!r}")
+        if self.config.variant != "mot":
+            return self.num_parameters()
+        gen_side = lambda n: GEN_SUFFIX in n  # noqa: E731
+        twin = lambda n: n.startswith(("model.layers.", "model.norm.")) and not gen_side(n)  # noqa: E731
+        drop = gen_side if task == "und" else twin
+        return sum(p.numel() for n, p in self.named_parameters() if not drop(n))

@@ -313,6 +313,11 @@ def test_components_partition_the_parameters():
     assert "model.layers.0.mlp_moe_gen.gate_proj" in comp["generation"]
     assert "model.layers.0.mlp.gate_proj" in comp["understanding"]
     assert model.num_active_parameters() == tiny("shared").num_parameters()
+    assert model.num_active_parameters("gen") == model.num_active_parameters("und")  # twins are the same size
+    model.model.layers[0].mlp_moe_gen = torch.nn.Identity()  # a generation copy gone: only gen tokens lose it
+    assert model.num_active_parameters("und") == tiny("shared").num_parameters()
+    assert model.num_active_parameters("gen") == tiny("shared").num_parameters() - sum(
+        p.numel() for p in model.model.layers[0].mlp.parameters())
 
 
 def test_surgery_fields_rebuild_a_pruned_model(tmp_path):
@@ -368,7 +373,7 @@ def test_evaluate_reference_keys_and_artifacts(trained, tmp_path):
     m = evaluate_reference(trained, n_und=3, n_gen=3, steps=2, out_dir=tmp_path)
     expected = {"mme/overall", *(f"mme/{q}" for q in QUESTION_TYPES), "geneval/overall",
                 *(f"geneval/{c}" for c in GEN_CATEGORIES), "fid/gen", "params/total", "params/active",
-                "flops/und_per_sample", "flops/gen_per_sample", "latency_ms/und_per_sample",
+                "params/active_und", "params/active_gen", "flops/und_per_sample", "flops/gen_per_sample", "latency_ms/und_per_sample",
                 "latency_ms/gen_per_sample"}  # fmt: skip
     assert set(m) == expected
     assert all(0.0 <= m[k] <= 1.0 for k in expected if k.startswith(("mme/", "geneval/")))
