@@ -68,9 +68,6 @@ def run(cfg: Any, inputs: dict, ctx: Any) -> dict[str, str]:
         for task in ("und", "gen"):
             row[f"speedup/{task}"] = latency["baseline"][task] / latency[name][task]
             row[f"speedup_cpu/{task}"] = latency["baseline"][f"{task}_cpu"] / latency[name][f"{task}_cpu"]
-        if name != "baseline":
-            active = models[name].active_parameters()
-            row["params/active_und"], row["params/active_gen"] = active["und"], active["gen"]
         row["model"] = models[name].acceleration.describe() if name != "baseline" else "baseline"
 
     metrics = {**rows[reported], "model": rows[reported]["model"]}

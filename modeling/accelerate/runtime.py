@@ -84,12 +84,13 @@ class AcceleratedModel(nn.Module):
 
     def active_parameters(self) -> dict[str, int]:
         """Parameters a token of each task passes through (generation: on its pruned steps)."""
-        base = self.base.num_active_parameters()
-        return {task: base - param_count(self.base.get_submodule(n) for n in mlps) + param_count(mlps.values())
+        return {task: self.base.num_active_parameters(task=task) + param_count(mlps.values())
+                - param_count(self.base.get_submodule(n) for n in mlps)
                 for task, mlps in (("und", self.und_mlps), ("gen", self.gen_mlps))}
 
-    def num_active_parameters(self) -> int:
-        return max(self.active_parameters().values())
+    def num_active_parameters(self, task: str = "und") -> int:
+        """As `UniDigitsModel.num_active_parameters`: one token of `task`, with that task's MLP cut."""
+        return self.active_parameters()[task]
 
     # ------------------------------------------------------------ understanding
     @torch.no_grad()

@@ -171,8 +171,9 @@ def test_task_pruning_runs_each_task_at_its_own_width(variant):
         assert torch.equal(sliced.gate_proj.weight, getattr(model.model.layers[1], name).gate_proj.weight[top])
     d, base = 32, model.num_parameters()
     assert sum(p.numel() for p in am.parameters()) == base + L * 3 * d * (FF // 2 + FF // 4)  # both cuts are stored
-    assert am.active_parameters() == {"und": model.num_active_parameters() - L * 3 * d * (FF - FF // 2),
-                                      "gen": model.num_active_parameters() - L * 3 * d * (FF - FF // 4)}
+    assert am.active_parameters() == {"und": model.num_active_parameters("und") - L * 3 * d * (FF - FF // 2),
+                                      "gen": model.num_active_parameters("gen") - L * 3 * d * (FF - FF // 4)}
+    assert am.num_active_parameters(task="gen") == am.active_parameters()["gen"]
 
 
 def test_layer_skip_skips_the_most_similar_layer_between_measurements():
