@@ -7,20 +7,25 @@ jobs on the machine falls on all three alike. Plain torch, not DeepSpeed: this m
 model's compute, not the engine's overhead. FLOPs per step are counted from the tokens each layer
 processed (`count_flops`, 3 × forward).
 
-    python -P bench/mod_step_time.py CHECKPOINT SCORES [--budget 0.8] [--steps 60] [--threads 1] [--set k=v]
+    python bench/mod_step_time.py CHECKPOINT SCORES [--budget 0.8] [--steps 60] [--threads 1] [--set k=v]
 
 Prints a table and writes bench/results/mod-step-time-<variant>.json.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+import sys
+
+# bench/accelerate.py is named like the `accelerate` package, which transformers imports when it is on the path;
+# take bench/ (sys.path[0] for a script, inherited by Ray workers) off the path before anything imports it.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
 import argparse
 import json
 import platform
 import statistics
 import time
-from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 

@@ -5,17 +5,23 @@ trained checkpoint and score-stage scores — `routing` none (dense fine-tune, s
 (one router and capacity for all tasks) and task (a router and a schedule per task), the two MoD
 runs at the same budget — then evaluates each checkpoint with the `evaluate` stage's function.
 
-    python -P bench/mod_study.py CHECKPOINT SCORES --out DIR [--steps 300] [--budget 0.8] [--set key=value ...]
+    python bench/mod_study.py CHECKPOINT SCORES --out DIR [--steps 300] [--budget 0.8] [--set key=value ...]
 
 Writes DIR/<routing>/ (the stage outputs) and DIR/study.json; prints the table.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+import sys
+
+# bench/accelerate.py is named like the `accelerate` package, which transformers imports when it is on the path;
+# take bench/ (sys.path[0] for a script, inherited by Ray workers) off the path before anything imports it.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
 import argparse
 import json
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 

@@ -9,10 +9,16 @@ steps and CFG scale; with CFG off (scale 1); with 2 denoising steps; and the sna
 
 from __future__ import annotations
 
+from pathlib import Path
+import sys
+
+# bench/accelerate.py is named like the `accelerate` package, which transformers imports when it is on the path;
+# take bench/ (sys.path[0] for a script, inherited by Ray workers) off the path before anything imports it.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
 import argparse
 import json
 import time
-from pathlib import Path
 
 from unislim.stages.evaluate import evaluate_checkpoint
 

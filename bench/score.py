@@ -12,11 +12,17 @@ Prints a table and writes bench/results/score-<model>-<device>.json.
 
 from __future__ import annotations
 
+from pathlib import Path
+import sys
+
+# bench/accelerate.py is named like the `accelerate` package, which transformers imports when it is on the path;
+# take bench/ (sys.path[0] for a script, inherited by Ray workers) off the path before anything imports it.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
 import argparse
 import json
 import platform
 import time
-from pathlib import Path
 
 import ray
 import torch
