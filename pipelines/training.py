@@ -13,6 +13,7 @@ merges them into one checkpoint folder), loaded back with `torch.load(weights_on
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from contextlib import contextmanager
@@ -151,3 +152,41 @@ def load_engine_state(engine, folder: Path) -> None:
         engine.optimizer.load_state_dict(states[rank]["optimizer"])
     if "scheduler" in states[rank] and engine.lr_scheduler is not None:
         engine.lr_scheduler.load_state_dict(states[rank]["scheduler"])
+
+
+def resume_deepspeed(model, optimizer, scheduler=None, **engine_options) -> tuple[Any, int, list, list]:
+    """The DeepSpeed half of a resumable training loop: load the last reported checkpoint's model
+    weights (before ZeRO partitions them), build the engine, restore this rank's optimizer state.
+
+    Returns (engine, start step, log so far, steps resumed from). `save_deepspeed` writes what this
+    reads."""
+    from safetensors.torch import load_file
+
+    start, history, resumes = 0, [], []
+    with latest_checkpoint() as folder:
+        if folder is not None:
+            model.load_state_dict(load_file(folder / "model" / "model.safetensors"))
+            state = json.loads((folder / "state.json").read_text())
+            start, history, resumes = state["step"], state["history"], state["resumes"] + [state["step"]]
+        engine = deepspeed_engine(model, optimizer, scheduler, **engine_options)
+        if folder is not None:
+            load_engine_state(engine, folder)
+    return engine, start, history, resumes
+
+
+def save_deepspeed(folder: Path, engine, model, step: int, history: list, resumes: list) -> None:
+    """Every rank: its optimizer shard. Rank 0: the model (gathered first under ZeRO-3, a
+    collective), the step, the log, and the steps the run was resumed from."""
+    from contextlib import nullcontext
+
+    rank, _ = world()
+    save_engine_state(engine, folder)
+    gathered = nullcontext()
+    if engine.zero_optimization_stage() == 3:
+        import deepspeed
+
+        gathered = deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+    with gathered:
+        if rank == 0:
+            model.save_pretrained(folder / "model")
+            (folder / "state.json").write_text(json.dumps({"step": step, "history": history, "resumes": resumes}))

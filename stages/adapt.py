@@ -107,20 +107,10 @@ def train_loop(config: dict) -> None:
             ctx.progress(f"Expert-Frozen Tuning: {frozen:,} expert parameters frozen")
     optimizer, scheduler = make_optimizer(model, config["lr"], steps, warmup_frac=config["warmup_steps"] / steps)
     local_batch = config["batch_size"] // world_size
-    start, history, resumes = 0, [], []
-    with training.latest_checkpoint() as folder:
-        if folder is not None:
-            from safetensors.torch import load_file
-
-            model.load_state_dict(load_file(folder / "model" / "model.safetensors"))
-            state = json.loads((folder / "state.json").read_text())
-            start, history, resumes = state["step"], state["history"], state["resumes"] + [state["step"]]
-        engine = training.deepspeed_engine(model, optimizer, scheduler, zero_stage=config["zero_stage"],
-                                           micro_batch_size=local_batch)
-        if folder is not None:
-            training.load_engine_state(engine, folder)
-            if rank == 0:
-                ctx.progress(f"{phase}: resumed from step {start}")
+    engine, start, history, resumes = training.resume_deepspeed(model, optimizer, scheduler, zero_stage=config["zero_stage"],
+                                                                micro_batch_size=local_batch)
+    if start and rank == 0:
+        ctx.progress(f"{phase}: resumed from step {start}")
     dtype = next(engine.module.parameters()).dtype
     moe = dict(model.moe_mlps()) if hasattr(model, "moe_mlps") else {}
 
@@ -157,29 +147,8 @@ def train_loop(config: dict) -> None:
                 ctx.progress(f"{phase} step {done}/{steps}  loss {entry['loss']:.4f}")
         if done % config["checkpoint_every"] == 0 or done == steps:
             training.report({"step": done, "loss": history[-1]["loss"] if history else float("nan")},
-                            write=lambda f: _save_state(f, engine, model, done, history, resumes), all_ranks=True)
-
-
-def _save_state(folder: Path, engine, model, step: int, history: list, resumes: list) -> None:
-    """Every rank: its optimizer shard. Rank 0: the model (gathered under ZeRO-3), the step, the
-    log, and the steps this run was resumed from (`resumes`)."""
-    rank, _ = training.world()
-    training.save_engine_state(engine, folder)
-    with _gathered(engine, model):
-        if rank == 0:
-            model.save_pretrained(folder / "model")
-            (folder / "state.json").write_text(json.dumps({"step": step, "history": history, "resumes": resumes}))
-
-
-def _gathered(engine, model):
-    """ZeRO-3 keeps a shard of each parameter per rank: gather them for saving (a collective)."""
-    from contextlib import nullcontext
-
-    if engine.zero_optimization_stage() < 3:
-        return nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+                            write=lambda f: training.save_deepspeed(f, engine, model, done, history, resumes),
+                            all_ranks=True)
 
 
 def _source_description(source: Path) -> str:

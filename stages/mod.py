@@ -127,8 +127,6 @@ def layer_importance(scores: Path) -> dict[str, torch.Tensor]:
 
 def train_loop(config: dict) -> None:
     """One Ray Train worker: convert, wrap in DeepSpeed, resume, train, report."""
-    from safetensors.torch import load_file
-
     torch.set_num_threads(config["threads"])
     rank, world_size = training.world()
     ctx, steps = config["ctx"], config["steps"]
@@ -144,18 +142,10 @@ def train_loop(config: dict) -> None:
     model.train()
     optimizer, scheduler = _optimizer(model, config["lr"], config["router_lr"], steps, config["warmup_steps"])
     local_batch = config["batch_size"] // world_size
-    start, history, resumes = 0, [], []
-    with training.latest_checkpoint() as folder:
-        if folder is not None:
-            model.load_state_dict(load_file(folder / "model" / "model.safetensors"))
-            state = json.loads((folder / "state.json").read_text())
-            start, history, resumes = state["step"], state["history"], state["resumes"] + [state["step"]]
-        engine = training.deepspeed_engine(model, optimizer, scheduler, zero_stage=config["zero_stage"],
-                                           micro_batch_size=local_batch)
-        if folder is not None:
-            training.load_engine_state(engine, folder)
-            if rank == 0:
-                ctx.progress(f"resumed from step {start}")
+    engine, start, history, resumes = training.resume_deepspeed(model, optimizer, scheduler, zero_stage=config["zero_stage"],
+                                                                micro_batch_size=local_batch)
+    if start and rank == 0:
+        ctx.progress(f"resumed from step {start}")
     dtype = next(engine.module.parameters()).dtype
 
     keys = ("loss", "und_loss", "gen_loss", "mod_aux_loss")
@@ -185,7 +175,8 @@ def train_loop(config: dict) -> None:
                 ctx.progress(f"step {done}/{steps}  loss {entry['loss']:.4f}  {entry['time_s'] / n:.3f}s/step")
         if done % config["checkpoint_every"] == 0 or done == steps:
             training.report({"step": done, "loss": history[-1]["loss"] if history else float("nan")},
-                            write=lambda f: _save_state(f, engine, model, done, history, resumes), all_ranks=True)
+                            write=lambda f: training.save_deepspeed(f, engine, model, done, history, resumes),
+                            all_ranks=True)
 
 
 def _optimizer(model, lr: float, router_lr: float, steps: int, warmup_steps: int):
@@ -201,16 +192,6 @@ def _optimizer(model, lr: float, router_lr: float, steps: int, warmup_steps: int
         optimizer.add_param_group({"params": routers, "lr": router_lr, "weight_decay": 0.0})
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, scheduler.lr_lambdas[0])  # now over every group
     return optimizer, scheduler
-
-
-def _save_state(folder: Path, engine, model, step: int, history: list, resumes: list) -> None:
-    """Every rank: its optimizer shard. Rank 0: the model, the step, the log and the steps this
-    run was resumed from."""
-    rank, _ = training.world()
-    training.save_engine_state(engine, folder)
-    if rank == 0:
-        model.save_pretrained(folder / "model")
-        (folder / "state.json").write_text(json.dumps({"step": step, "history": history, "resumes": resumes}))
 
 
 # ------------------------------------------------------------------------------------ cost
