@@ -11,10 +11,9 @@
 from .compare import latency_ms, timing_batches, variants
 from .latency import interleaved_latency
 from .runtime import AcceleratedModel
-from .settings import TECHNIQUES, Acceleration, CfgSchedule, HeadCache, LayerSkip, TaskPruning, TokenPruning
+from .settings import Acceleration, CfgSchedule, HeadCache, LayerSkip, TaskPruning, TokenPruning
 
 __all__ = [
-    "TECHNIQUES",
     "AcceleratedModel",
     "Acceleration",
     "CfgSchedule",

@@ -7,11 +7,8 @@ Every value comes from the caller (the `accelerate` section of pipeline.yaml thr
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from typing import Literal
-
-TECHNIQUES = ("task_pruning", "layer_skip", "cfg_schedule", "head_cache", "token_pruning")
-
 
 @dataclass(frozen=True)
 class TaskPruning:
@@ -89,9 +86,6 @@ class Acceleration:
     def subset(self, techniques: list[str]) -> Acceleration:
         """This acceleration with only `techniques` on."""
         return Acceleration(**{t: getattr(self, t) for t in techniques})
-
-    def without(self, technique: str) -> Acceleration:
-        return replace(self, **{technique: None})
 
     def describe(self) -> str:
         """A short label, e.g. `accelerate:prune=0.5/0.5,tau=4+skip=1/5`; `accelerate:none` when all are off."""
