@@ -58,19 +58,24 @@ class ModelConfig(_Section):
         return self
 
 
-class PretrainConfig(_Section):
+class _RayTrainSection(_Section):
+    """What every stage that trains on Ray Train sets: its workers and how failures are retried."""
+
+    num_workers: int = Field(1, ge=1, le=1024, description="Ray Train data-parallel workers")
+    cpus_per_worker: float = Field(1.0, gt=0, le=256, description="CPUs each Ray Train worker reserves")
+    use_gpu: bool = Field(False, description="one GPU per worker (DeepSpeed stages train in bf16 there)")
+    max_failures: int = Field(0, ge=-1, le=1000, description="worker-group restarts Ray Train allows (-1: unlimited)")
+
+
+class PretrainConfig(_RayTrainSection):
     enabled: bool = Field(True, description="train the reference model (only with model.source=reference)")
     steps: int = Field(3000, ge=1, le=1_000_000, description="optimizer steps")
     batch_size: int = Field(64, ge=1, le=65_536, description="global batch (split evenly across workers)")
     lr: float = Field(1e-3, gt=0, le=1.0, description="peak learning rate (AdamW, warmup then cosine)")
     warmup_steps: int = Field(100, ge=0, le=1_000_000, description="linear warmup steps")
     und_fraction: float = Field(0.5, gt=0, lt=1, description="share of each batch that is understanding samples")
-    num_workers: int = Field(1, ge=1, le=1024, description="Ray Train data-parallel workers")
-    cpus_per_worker: float = Field(1.0, gt=0, le=256, description="CPUs each Ray Train worker reserves")
-    use_gpu: bool = Field(False, description="one GPU per worker")
     checkpoint_every: int = Field(500, ge=1, le=1_000_000, description="report a resumable checkpoint every N steps")
     log_every: int = Field(50, ge=1, le=1_000_000, description="log training metrics every N steps")
-    max_failures: int = Field(0, ge=-1, le=1000, description="worker-group restarts Ray Train allows (-1: unlimited)")
     snapshots: list[float] = Field([0.1], max_length=20,
                                    description="also keep the weights at these fractions of training (snapshots/step-N)")
 
@@ -267,7 +272,7 @@ class PartitionConfig(_Section):
         return self
 
 
-class AdaptConfig(_Section):
+class AdaptConfig(_RayTrainSection):
     enabled: bool = Field(False, description="train the partitioned MoE model: Expert-Frozen Tuning, then all of it")
     eft_steps: int = Field(200, ge=0, le=1_000_000, description="phase 1: experts frozen, router and the rest train")
     moe_steps: int = Field(200, ge=0, le=1_000_000, description="phase 2: everything trains")
@@ -275,13 +280,9 @@ class AdaptConfig(_Section):
     warmup_steps: int = Field(20, ge=0, le=1_000_000, description="linear warmup steps of each phase")
     batch_size: int = Field(32, ge=2, le=65_536, description="global batch (split evenly across workers)")
     und_fraction: float = Field(0.5, gt=0, lt=1, description="share of each batch that is understanding samples")
-    num_workers: int = Field(1, ge=1, le=1024, description="Ray Train data-parallel workers")
-    cpus_per_worker: float = Field(1.0, gt=0, le=256, description="CPUs each Ray Train worker reserves")
-    use_gpu: bool = Field(False, description="one GPU per worker (bf16)")
     zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage")
     checkpoint_every: int = Field(100, ge=1, le=1_000_000, description="report a resumable checkpoint every N steps")
     log_every: int = Field(20, ge=1, le=1_000_000, description="log training metrics every N steps")
-    max_failures: int = Field(0, ge=-1, le=1000, description="worker-group restarts Ray Train allows (-1: unlimited)")
     dense_baseline: bool = Field(False, description="also fine-tune the prune stage's dense model for eft_steps + "
                                  "moe_steps (the same active-parameter budget when prune matches the partition)")
     fail_at_step: int | None = Field(None, ge=1, le=1_000_000, description="testing: in the last phase the last rank "
@@ -301,7 +302,7 @@ class AdaptConfig(_Section):
         return self
 
 
-class ModConfig(_Section):
+class ModConfig(_RayTrainSection):
     enabled: bool = Field(False, description="train task-aware Mixture-of-Depths routers into the checkpoint (UniMoD)")
     routing: Literal["task", "shared", "none"] = Field(
         "task", description="task: a router per task (UniMoD); shared: one router and capacity for all tasks "
@@ -330,13 +331,9 @@ class ModConfig(_Section):
     warmup_steps: int = Field(20, ge=0, le=1_000_000, description="linear warmup steps")
     batch_size: int = Field(64, ge=2, le=65_536, description="global batch (split evenly across workers)")
     und_fraction: float = Field(0.5, gt=0, lt=1, description="share of each batch that is understanding samples")
-    num_workers: int = Field(1, ge=1, le=1024, description="Ray Train data-parallel workers")
-    cpus_per_worker: float = Field(1.0, gt=0, le=256, description="CPUs each Ray Train worker reserves")
-    use_gpu: bool = Field(False, description="one GPU per worker (bf16)")
     zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage")
     checkpoint_every: int = Field(100, ge=1, le=1_000_000, description="report a resumable checkpoint every N steps")
     log_every: int = Field(25, ge=1, le=1_000_000, description="log training metrics every N steps")
-    max_failures: int = Field(0, ge=-1, le=1000, description="worker-group restarts Ray Train allows (-1: unlimited)")
 
     @model_validator(mode="after")
     def _consistent(self) -> ModConfig:
