@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 
+from tests.modeling.tiny import tiny
 from unislim.modeling.loading import load_model
 from unislim.modeling.moe import (
     MoEMLP,
@@ -32,11 +33,6 @@ E, S, R, FF, D = 8, 2, 6, 96, 32
 @pytest.fixture(autouse=True)
 def _one_thread():
     torch.set_num_threads(1)
-
-
-def tiny(variant: str = "shared", seed: int = 0) -> UniDigitsModel:
-    torch.manual_seed(seed)
-    return UniDigitsModel(reference_config("tiny", variant)).eval()
 
 
 def mlp_name(variant: str, layer: int) -> str:

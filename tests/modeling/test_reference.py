@@ -12,6 +12,7 @@ import pytest
 import torch
 from transformers import AutoModel
 
+from tests.modeling.tiny import tiny
 from unislim.modeling.reference import (
     GEN_CATEGORIES,
     QUESTION_TYPES,
@@ -44,11 +45,6 @@ from unislim.modeling.reference.scenes import (
 @pytest.fixture(autouse=True)
 def _one_thread():
     torch.set_num_threads(1)
-
-
-def tiny(variant: str = "shared", seed: int = 0) -> UniDigitsModel:
-    torch.manual_seed(seed)
-    return UniDigitsModel(reference_config("tiny", variant)).eval()
 
 
 def batch(n: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
