@@ -45,8 +45,8 @@ def main() -> None:
 
     from unislim.config import ModConfig
     from unislim.modeling.loading import load_model
-    from unislim.modeling.mod import UniDigitsModModel
-    from unislim.modeling.reference import make_batch, make_optimizer
+    from unislim.modeling.families.digits import UniDigitsModModel
+    from unislim.modeling.families.digits import make_batch, make_optimizer
     from unislim.stages.mod import cost, mod_fields
 
     import yaml

@@ -83,7 +83,7 @@ def heldout_loss(checkpoint: Path, batches: int = 8, batch_size: int = 64) -> di
     import torch
 
     from unislim.modeling.loading import load_model
-    from unislim.modeling.reference import make_batch
+    from unislim.modeling.families.digits import make_batch
 
     model = load_model(checkpoint).eval()
     sums = {"und_loss": 0.0, "gen_loss": 0.0}

@@ -36,7 +36,7 @@ def check_columns(kind: str, columns: list[str], where: str) -> None:
 
 def reference_rows(kind: str, n: int, seed: int) -> list[dict[str, Any]]:
     """n calibration rows of a reference task, drawn from the train split with `seed`."""
-    from .reference.scenes import (GEN_CATEGORIES, QUESTION_TYPES, render, sample_prompt, sample_question,
+    from .families.digits.scenes import (GEN_CATEGORIES, QUESTION_TYPES, render, sample_prompt, sample_question,
                                    to_model_units)
 
     g = torch.Generator().manual_seed(seed)
@@ -77,7 +77,7 @@ def run_batch(model: torch.nn.Module, kind: str, batch: dict[str, np.ndarray], r
         model(input_ids=input_ids.to(device), attention_mask=mask.to(device))
         return len(ids)
 
-    from .reference.scenes import encode_answer, encode_prompt, encode_question
+    from .families.digits.scenes import encode_answer, encode_prompt, encode_question
 
     pad = model.config.pad_token_id
     n_img = model.config.num_image_tokens

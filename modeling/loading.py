@@ -7,14 +7,12 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-import unislim.modeling.moe  # noqa: F401  (registers unidigits_moe; before any AutoConfig call, e.g. in evaluate)
+import unislim.modeling.families.digits  # noqa: F401  (registers unidigits* with AutoConfig/AutoModel)
 
 
 def load_model(path: str | Path, trust_remote_code: bool = False, device: str | torch.device = "cpu",
                dtype: torch.dtype | None = None) -> torch.nn.Module:
     """`from_pretrained` with the right Auto class, in eval mode; weights via safetensors only."""
-    import unislim.modeling.mod  # noqa: F401  (registers the reference model and its MoD form with AutoModel)
-
     path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} is not a Hugging Face checkpoint folder (no config.json)")

@@ -39,7 +39,7 @@ QUALITY = ("mme/overall", "geneval/overall", "fid/gen")
 
 
 def run(cfg: Any, inputs: dict, ctx: Any) -> dict[str, str]:
-    from unislim.modeling.reference import DigitJudge, evaluate_reference
+    from unislim.modeling.families.digits import DigitJudge, evaluate_reference
 
     a, e = cfg.accelerate, cfg.evaluate
     out = Path(ctx.out_dir)
@@ -134,8 +134,8 @@ def side_by_side(path: Path, baseline, accelerated, *, steps: int, cfg_scale: fl
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from unislim.modeling.reference import DigitJudge, GEN_CATEGORIES
-    from unislim.modeling.reference.scenes import encode_prompt, sample_prompt, to_digit_units
+    from unislim.modeling.families.digits import DigitJudge, GEN_CATEGORIES
+    from unislim.modeling.families.digits.scenes import encode_prompt, sample_prompt, to_digit_units
 
     g = torch.Generator().manual_seed(seed + 1)
     specs = [sample_prompt(c, g) for c in GEN_CATEGORIES for _ in range(per_category)]

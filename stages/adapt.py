@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from unislim.modeling.loading import load_model
-from unislim.modeling.reference import make_batch, make_optimizer
+from unislim.modeling.families.digits import make_batch, make_optimizer
 from unislim.pipelines import training
 
 MOE_TYPE = "unidigits_moe"
@@ -95,7 +95,7 @@ def phase_config(a: Any, seed: int, init: Path, phase: str, steps: int, *, step_
 
 def train_loop(config: dict) -> None:
     """One Ray Train worker: load, (freeze experts), wrap in DeepSpeed, resume, train, report."""
-    from unislim.modeling.moe import freeze_experts
+    from unislim.modeling.families.digits import freeze_experts
 
     torch.set_num_threads(config["threads"])
     rank, world_size = training.world()
@@ -166,7 +166,7 @@ def expert_activation_by_step(model, n_prompts: int = 24, steps: int = 20, seed:
     Samples `n_prompts` held-out prompts (all GenEval categories) with the model's sampler and
     records every MoE layer's routed-token counts per step: {layer name: (steps, routed experts)}.
     """
-    from unislim.modeling.reference.scenes import GEN_CATEGORIES, encode_prompt, sample_prompt
+    from unislim.modeling.families.digits.scenes import GEN_CATEGORIES, encode_prompt, sample_prompt
 
     model.eval()
     g = torch.Generator().manual_seed(seed)

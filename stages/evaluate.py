@@ -30,7 +30,7 @@ def evaluate_checkpoint(path: str | Path, *, n_und: int = 40, n_gen: int = 24, s
     from transformers import AutoConfig
 
     from unislim.modeling.loading import load_model
-    from unislim.modeling.reference import DigitJudge, UniDigitsConfig, evaluate_reference
+    from unislim.modeling.families.digits import DigitJudge, UniDigitsConfig, evaluate_reference
 
     path = Path(path)
     if not (path / "config.json").exists():

@@ -32,11 +32,11 @@ import torch
 from safetensors import safe_open
 
 from unislim.modeling.loading import load_model
-from unislim.modeling.mod import UniDigitsModModel, fit_routers
-from unislim.modeling.mod.schedule import auto_schedule, mean_capacity, plot_token_keep, write_schedule
-from unislim.modeling.reference import make_batch, make_optimizer
-from unislim.modeling.reference.evaluate import count_flops
-from unislim.modeling.reference.scenes import ANSWER_LEN, PROMPT_LEN, QUESTION_LEN
+from unislim.modeling.families.digits import UniDigitsModModel, fit_routers
+from unislim.modeling.surgery.mod.schedule import auto_schedule, mean_capacity, plot_token_keep, write_schedule
+from unislim.modeling.families.digits import make_batch, make_optimizer
+from unislim.modeling.families.digits.evaluate import count_flops
+from unislim.modeling.families.digits.scenes import ANSWER_LEN, PROMPT_LEN, QUESTION_LEN
 from unislim.pipelines import training
 
 
@@ -207,7 +207,7 @@ def _flops(model, fn) -> int:
 def cost(dense, model, batch_size: int, und_fraction: float = 0.5, seed: int = 0) -> dict[str, float]:
     """Training FLOPs per step (3 × forward of one global batch, in training mode: top-k routing
     and the predictors' loss) and inference FLOPs per sample, of `model` and of `dense`."""
-    from unislim.modeling.reference.scenes import make_und_batch
+    from unislim.modeling.families.digits.scenes import make_und_batch
 
     batch = make_batch(batch_size, torch.Generator().manual_seed(seed), und_fraction=und_fraction)
     und, _ = make_und_batch(["which"], torch.Generator().manual_seed(seed), "heldout")

@@ -20,7 +20,7 @@ import torch
 
 from unislim.modeling.adapters import adapter_for
 from unislim.modeling.loading import load_model
-from unislim.modeling.moe import convert_to_moe
+from unislim.modeling.families.digits import convert_to_moe
 
 from .prune import calibration_scores
 

@@ -5,7 +5,7 @@ worker draws its own batches from a generator seeded by (seed, rank, step), so t
 deterministic and a resumed run sees exactly the batches the interrupted one would have. Rank 0
 logs the loss to MLflow and writes a resumable checkpoint every `checkpoint_every` steps; the
 final weights leave the stage as a Hugging Face folder (`checkpoint/`) that reloads with
-`AutoModel.from_pretrained` once `unislim.modeling.reference` is imported.
+`AutoModel.from_pretrained` once `unislim.modeling.families.digits` is imported.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from unislim.modeling.reference import UniDigitsModel, make_batch, make_optimizer, reference_config
+from unislim.modeling.families.digits import UniDigitsModel, make_batch, make_optimizer, reference_config
 from unislim.pipelines import training
 
 

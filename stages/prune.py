@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from unislim.modeling import prune as surgery
+from unislim.modeling.surgery import prune as surgery
 from unislim.modeling.adapters import adapter_for
 from unislim.modeling.loading import load_model
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from unislim.modeling.adapters import Adapter
-from unislim.modeling.prune import keep_neurons
+from unislim.modeling.surgery.prune import keep_neurons
 
 
 def sliced_mlps(model: nn.Module, adapter: Adapter, component: str, scores: dict[str, torch.Tensor],

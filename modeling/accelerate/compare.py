@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from unislim.modeling.reference.scenes import (
+from unislim.modeling.families.digits.scenes import (
     ANSWER_LEN,
     GEN_CATEGORIES,
     QUESTION_TYPES,

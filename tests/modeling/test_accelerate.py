@@ -20,9 +20,8 @@ from unislim.modeling.accelerate import (
 )
 from unislim.modeling.accelerate._math import cfg_scale_at, most_redundant, vnorm_keep
 from unislim.modeling.adapters import adapter_for
-from unislim.modeling.hooks import HookSet
-from unislim.modeling.reference import UniDigitsConfig, UniDigitsModel
-from unislim.modeling.reference.scenes import ANSWER_LEN, GEN_CATEGORIES, encode_prompt, make_und_batch, sample_prompt
+from unislim.modeling.families.digits import UniDigitsConfig, UniDigitsModel
+from unislim.modeling.families.digits.scenes import ANSWER_LEN, GEN_CATEGORIES, encode_prompt, make_und_batch, sample_prompt
 
 L, FF, STEPS, N_IMG = 3, 96, 8, 32
 
@@ -260,7 +259,7 @@ def test_vnorm_token_pruning_keeps_the_largest_value_norms(variant):
 
 
 def test_everything_on_costs_less_and_claims_match_counts():
-    from unislim.modeling.reference.evaluate import count_flops
+    from unislim.modeling.families.digits.evaluate import count_flops
 
     model, data = _model("mot"), _data()
     acc = Acceleration(TaskPruning(0.5, 0.5, 2), LayerSkip(4, 1), CfgSchedule(((0.0, 3.0), (0.5, 1.0))),

@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from unislim.modeling.loading import load_model
-from unislim.modeling.mod import UniDigitsModModel, capacity_tokens, fit_routers, layer_flops
-from unislim.modeling.mod.schedule import auto_schedule, mean_capacity
-from unislim.modeling.reference import UniDigitsModel, make_batch, reference_config
-from unislim.modeling.reference.evaluate import count_flops
+from unislim.modeling.families.digits import UniDigitsModModel, fit_routers
+from unislim.modeling.surgery.mod import capacity_tokens, layer_flops
+from unislim.modeling.surgery.mod.schedule import auto_schedule, mean_capacity
+from unislim.modeling.families.digits import UniDigitsModel, make_batch, reference_config
+from unislim.modeling.families.digits.evaluate import count_flops
 
 T_UND, T_GEN = 42, 40  # 32 image + 7 question + 3 answer; 8 prompt + 32 image
 

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qw
 
 from unislim.modeling.adapters import adapter_for
 from unislim.modeling.importance import CalibrationRecorder, scores_from_stats
-from unislim.modeling.prune import drop_kv_groups, drop_layers, keep_neurons, least_important
+from unislim.modeling.surgery.prune import drop_kv_groups, drop_layers, keep_neurons, least_important
 
 D, FF, L, H, KV, V = 32, 48, 4, 4, 2, 64
 

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModel
 
 from tests.modeling.tiny import tiny
-from unislim.modeling.reference import (
+from unislim.modeling.families.digits import (
     GEN_CATEGORIES,
     QUESTION_TYPES,
     TOKENIZER,
@@ -26,9 +26,9 @@ from unislim.modeling.reference import (
     reference_config,
     train_reference,
 )
-from unislim.modeling.reference.evaluate import count_flops
-from unislim.modeling.reference.judge import frechet_distance
-from unislim.modeling.reference.scenes import (
+from unislim.modeling.families.digits.evaluate import count_flops
+from unislim.modeling.families.digits.judge import frechet_distance
+from unislim.modeling.families.digits.scenes import (
     ANSWER_LEN,
     QUESTION_LEN,
     Scene,

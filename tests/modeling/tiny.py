@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from unislim.modeling.reference import UniDigitsModel, reference_config
+from unislim.modeling.families.digits import UniDigitsModel, reference_config
 
 
 def tiny(variant: str = "shared", seed: int = 0) -> UniDigitsModel:

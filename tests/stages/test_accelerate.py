@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from unislim.config import AccelerateConfig, ConfigError, EvaluateConfig, ModelConfig, load_config
 from unislim.modeling.adapters import adapter_for
-from unislim.modeling.reference import UniDigitsModel, reference_config
+from unislim.modeling.families.digits import UniDigitsModel, reference_config
 from unislim.pipelines.context import StageContext
 from unislim.pipelines.graph import plan
 from unislim.pipelines.store import Artifact

@@ -15,8 +15,8 @@ from mlflow.tracking import MlflowClient
 from tests.conftest import tiny_pipeline
 from unislim.config import load_config
 from unislim.modeling.loading import load_model
-from unislim.modeling.mod import UniDigitsModModel
-from unislim.modeling.mod.schedule import mean_capacity
+from unislim.modeling.families.digits import UniDigitsModModel
+from unislim.modeling.surgery.mod.schedule import mean_capacity
 from unislim.pipelines.context import StageContext
 from unislim.pipelines.graph import plan
 from unislim.pipelines.runner import run_pipeline

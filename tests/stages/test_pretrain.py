@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModel
 
-from unislim.modeling.reference import UniDigitsModel, make_batch, reference_config
+from unislim.modeling.families.digits import UniDigitsModel, make_batch, reference_config
 
 pytestmark = pytest.mark.slow
 

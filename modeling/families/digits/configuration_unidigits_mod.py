@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from huggingface_hub.dataclasses import strict
 
-from unislim.modeling.reference.configuration_unidigits import UniDigitsConfig
+from unislim.modeling.families.digits.configuration_unidigits import UniDigitsConfig
 
 TASKS = ("und", "gen")
 ROUTINGS = ("task", "shared")

@@ -11,11 +11,12 @@ from collections.abc import Callable
 
 import torch
 
-from ..hooks import HookSet
-from ..reference.modeling_unidigits import GEN_SUFFIX, UniDigitsModel
+from unislim.modeling.hooks import HookSet
+from .modeling_unidigits import GEN_SUFFIX, UniDigitsModel
 from .configuration_unidigits_moe import UniDigitsMoEConfig
-from .modeling_unidigits_moe import MoEMLP, UniDigitsMoEModel
-from .partition import partition_neurons
+from unislim.modeling.surgery.moe.mlp import MoEMLP
+from .modeling_unidigits_moe import UniDigitsMoEModel
+from unislim.modeling.surgery.moe.partition import partition_neurons
 
 _NOT_COPIED = ("model_type", "architectures", "transformers_version", "auto_map", "moe")
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from huggingface_hub.dataclasses import strict
 
-from ..reference.configuration_unidigits import UniDigitsConfig
+from .configuration_unidigits import UniDigitsConfig
 
 MOE_DEFAULTS = {
     "layers": None,  # decoder layers whose generation MLP becomes a MoE; None: every layer but the first and last

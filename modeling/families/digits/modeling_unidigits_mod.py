@@ -22,10 +22,10 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from unislim.modeling.reference.modeling_unidigits import UniDigitsDecoderLayer, UniDigitsModel, UniDigitsOutput
+from unislim.modeling.families.digits.modeling_unidigits import UniDigitsDecoderLayer, UniDigitsModel, UniDigitsOutput
 
-from . import routing
-from .configuration_mod import UniDigitsModConfig
+from unislim.modeling.surgery.mod import routing
+from .configuration_unidigits_mod import UniDigitsModConfig
 
 
 @dataclass

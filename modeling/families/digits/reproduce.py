@@ -1,7 +1,7 @@
 """Trains a reference model and measures what NOTES.md reports.
 
-    python -m unislim.modeling.reference.reproduce --size small --variant shared --steps 3000 --out runs/reference/small-shared
-    python -m unislim.modeling.reference.reproduce --size small --variant mot --steps 4000 --und-fraction 0.625 --out runs/reference/small-mot
+    python -m unislim.modeling.families.digits.reproduce --size small --variant shared --steps 3000 --out runs/reference/small-shared
+    python -m unislim.modeling.families.digits.reproduce --size small --variant mot --steps 4000 --und-fraction 0.625 --out runs/reference/small-mot
 
 Writes `<out>/final/` and `<out>/early/` (the checkpoint at 10% of training, HF layout),
 `<out>/train_log.json` and `<out>/results.json`: the final model at default steps/CFG, with CFG

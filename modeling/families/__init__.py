@@ -1,0 +1,1 @@
+"""Model families: what the stages know about a kind of checkpoint (see `base.Family`)."""
