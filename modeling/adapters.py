@@ -27,6 +27,7 @@ class MLPRef:
     gate: nn.Linear
     up: nn.Linear
     down: nn.Linear
+    down_name: str = ""  # qualified name of the down projection (its input is the activation h)
 
     @property
     def width(self) -> int:
@@ -76,7 +77,8 @@ class Adapter:
                 continue
             mlp = layer.get_submodule(name)
             gate, up, down = (mlp.get_submodule(p) for p in self.mlp_proj)
-            out.append(MLPRef(i, f"{self.layers}.{i}.{name}", gate, up, down))
+            qualified = f"{self.layers}.{i}.{name}"
+            out.append(MLPRef(i, qualified, gate, up, down, f"{qualified}.{self.mlp_proj[2]}"))
         return out
 
     def attentions(self, model: nn.Module, component: str) -> list[AttentionRef]:

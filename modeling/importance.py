@@ -104,7 +104,7 @@ class CalibrationRecorder:
                 self._hooks.post(f"{name}.{self.adapter.attention}", lambda n, m, a, k, o, i=i: self._attn_out(i, o))
             self._hooks.post(name, lambda n, m, a, k, o, i=i: self._layer_out(i, o))
         for name, mlp in self.mlps.items():
-            self._hooks.pre(f"{name}.{self.adapter.mlp_proj[2]}", lambda n, m, a, k, key=name: self._mlp_in(key, a[0]))
+            self._hooks.pre(mlp.down_name, lambda n, m, a, k, key=name: self._mlp_in(key, a[0]))
         for o_name in self.attns:
             self._hooks.pre(o_name, lambda n, m, a, k, key=o_name: self._o_in(key, a[0]))
         self._hooks.__enter__()
