@@ -1,23 +1,85 @@
-"""Load any checkpoint this project handles: the reference family or a causal LM, from a path."""
+"""Load any checkpoint unislim handles, from a path: `load_model(path)`.
+
+The checkpoint's family (`modeling.families.family_for`) picks the Auto class; safetensors only,
+no remote code unless the caller turns it on. Surgery recorded in `config.json` (`config.unislim`,
+see `surgery.record`) is re-applied to the freshly built model *before* the weights load: the model
+class is subclassed (same name, same module, so transformers' key renaming still applies) with an
+`__init__` that rebuilds the recorded structure, and `from_pretrained` then fills every weight — a
+pruned, MoE or MoD checkpoint reloads with outputs identical to the model that was saved.
+"""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
+from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers import AutoConfig
 
-import unislim.modeling.families.digits  # noqa: F401  (registers unidigits* with AutoConfig/AutoModel)
+from .surgery import record
+
+
+def read_config(path: str | Path, trust_remote_code: bool = False):
+    """The checkpoint's config (nothing else is read); raises FileNotFoundError for a non-checkpoint."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a Hugging Face checkpoint folder (no config.json)")
+    import unislim.modeling.families.digits  # noqa: F401  (registers unidigits with AutoConfig/AutoModel)
+
+    return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
 def load_model(path: str | Path, trust_remote_code: bool = False, device: str | torch.device = "cpu",
-               dtype: torch.dtype | None = None) -> torch.nn.Module:
-    """`from_pretrained` with the right Auto class, in eval mode; weights via safetensors only."""
-    path = Path(path)
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(f"{path} is not a Hugging Face checkpoint folder (no config.json)")
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    auto = AutoModel if config.model_type in ("unidigits", "unidigits_mod", "unidigits_moe") else AutoModelForCausalLM
+               dtype: torch.dtype | None = None, *, family: Any = None, adapter: dict | None = None) -> torch.nn.Module:
+    """The checkpoint at `path`, in eval mode, through its family (detected unless given)."""
+    from .families import family_for
+
+    if family is None:
+        family = family_for(read_config(path, trust_remote_code), adapter=adapter,
+                            trust_remote_code=trust_remote_code)
+    return family.load(path, device=device, dtype=dtype)
+
+
+def load_pretrained(path: str | Path, family, *, device: str | torch.device = "cpu",
+                    dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """`family.auto_class(config)`'s model class, with recorded surgery rebuilt, from `path`."""
+    config = read_config(path, family.trust_remote_code)
+    cls = model_class(family.auto_class(config), config)
+    if record.ops(config):
+        cls = _rebuilding(cls)
     kwargs = {"dtype": dtype} if dtype is not None else {}
-    model = auto.from_pretrained(path, trust_remote_code=trust_remote_code, use_safetensors=True, **kwargs)
+    model = cls.from_pretrained(path, config=config, use_safetensors=True,
+                                trust_remote_code=family.trust_remote_code, **kwargs)
     return model.to(device).eval()
+
+
+def model_class(auto: type, config) -> type:
+    """The concrete class an Auto class builds for `config` (remote code included)."""
+    from transformers.models.auto.auto_factory import _get_model_class, get_class_from_dynamic_module
+
+    if type(config) in auto._model_mapping:
+        return _get_model_class(config, auto._model_mapping)
+    ref = (getattr(config, "auto_map", None) or {}).get(auto.__name__)
+    if ref is None:
+        raise ValueError(f"{auto.__name__} cannot build a {config.model_type!r} model (and the checkpoint has no "
+                         f"auto_map entry for it)")
+    return get_class_from_dynamic_module(ref, config._name_or_path)
+
+
+@functools.cache
+def _rebuilding(cls: type) -> type:
+    """`cls` whose `__init__` also rebuilds the surgery recorded in its config."""
+
+    def __init__(self, config, *args, **kwargs):
+        cls.__init__(self, config, *args, **kwargs)
+        record.rebuild(self)
+
+    return type(cls.__name__, (cls,), {"__init__": __init__, "__module__": cls.__module__,
+                                       "__qualname__": cls.__qualname__})
+
+
+def apply_recorded(model: torch.nn.Module) -> torch.nn.Module:
+    """Rebuild recorded surgery on a model built from its config (e.g. `Model(config)` in a test)."""
+    record.rebuild(model)
+    return model

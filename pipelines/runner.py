@@ -41,6 +41,7 @@ class Job:
     experiment_id: str
     parent_run_id: str
     force: frozenset[str] = frozenset()
+    log_checkpoints: str = "none"  # tracking.log_checkpoints: none | final | all
 
 
 @dataclass
@@ -109,7 +110,7 @@ def execute_stage(spec: StageSpec, stage_cfg: Any, config_slice: dict, job: Job,
         raise
     tracking.log_metrics(uri, run_id, manifest.metrics)
     tracking.set_tags(uri, run_id, {"unislim.output": manifest.dir})
-    tracking.log_folder(uri, run_id, Path(manifest.dir))
+    tracking.log_outputs(uri, run_id, Path(manifest.dir), manifest.outputs, job.log_checkpoints)
     tracking.end_run(uri, run_id, ok=True)
     ctx.progress(f"done in {manifest.elapsed_s:.1f}s → {manifest.dir}")
     return manifest
@@ -126,7 +127,7 @@ def source_manifest(path: str) -> Manifest:
     if not folder.exists():
         raise FileNotFoundError(f"model.path: {path} does not exist")
     return Manifest(stage=SOURCE, key="path", dir=str(folder), outputs={"checkpoint": "."},
-                    files=hash_tree(folder), cached=True)
+                    files=hash_tree(folder, large=16 << 20), cached=True)  # weights: by size and mtime
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,7 +158,7 @@ def run_pipeline(cfg: PipelineConfig, *, runs_dir: str | Path = "runs", only: li
                   "unislim.version": unislim.__version__, "unislim.runs_dir": str(runs_dir)})
         tracking.log_dict(uri, parent, cfg.model_dump(mode="json"), "config.yaml")
         result = PipelineResult(tracking_uri=uri, experiment_id=exp_id, run_id=parent)
-        job = Job(runs_dir, uri, exp_id, parent, frozenset(force))
+        job = Job(runs_dir, uri, exp_id, parent, frozenset(force), cfg.tracking.log_checkpoints)
         try:
             _run_graph(cfg, specs, job, result)
         finally:
@@ -228,8 +229,9 @@ def _check_cluster(uri: str, runs_dir: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 # Summary
 
-_HEADLINE = ("mme/overall", "geneval/overall", "fid/gen", "params/active", "speedup/und", "speedup/gen",
-             "pretrain/final_loss", "pretrain/train_time_s")
+_HEADLINE = ("mme/overall", "geneval/overall", "fid/gen", "params/active", "pretrain/final_loss",
+             "pretrain/train_time_s")
+_HEADLINE_PREFIXES = ("nll/", "agreement/", "speedup/")
 
 
 def summary(specs: list[StageSpec], result: PipelineResult) -> str:
@@ -244,7 +246,8 @@ def summary(specs: list[StageSpec], result: PipelineResult) -> str:
     lines += ["  ".join(str(c).ljust(w) for c, w in zip(row[:4], widths)) + "  " + str(row[4]) for row in rows[1:]]
     for spec in specs:
         r = result.stages.get(spec.id)
-        headline = {k: v for k, v in (r.manifest.metrics if r and r.manifest else {}).items() if k in _HEADLINE}
+        headline = {k: v for k, v in (r.manifest.metrics if r and r.manifest else {}).items()
+                    if k in _HEADLINE or k.startswith(_HEADLINE_PREFIXES)}
         if headline:
             lines.append(f"  {spec.id}: " + "  ".join(f"{k}={_fmt(v)}" for k, v in headline.items()))
     ok = "ok" if result.ok else "FAILED"

@@ -8,9 +8,9 @@ half-way never leaves an output that looks complete, and a rerun finds and reuse
 
 from __future__ import annotations
 
+import ast
 import functools
 import hashlib
-import inspect
 import json
 import os
 import shutil
@@ -76,31 +76,100 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def hash_tree(root: Path) -> dict[str, str]:
-    """sha256 of every file under root, by relative path (the manifest's `files`)."""
+def hash_tree(root: Path, large: int | None = None) -> dict[str, str]:
+    """sha256 of every file under root, by relative path (the manifest's `files`). With `large`,
+    files of at least that many bytes are identified by size and modification time instead of
+    read in full (a user's multi-GB checkpoint, hashed on every run otherwise)."""
     root = Path(root)
+
+    def ident(p: Path) -> str:
+        st = p.stat()
+        return f"size={st.st_size},mtime={st.st_mtime_ns}" if large is not None and st.st_size >= large else \
+            file_sha256(p)
+
     if root.is_file():
-        return {root.name: file_sha256(root)}
-    return {str(p.relative_to(root)): file_sha256(p) for p in sorted(root.rglob("*"))
+        return {root.name: ident(root)}
+    return {str(p.relative_to(root)): ident(p) for p in sorted(root.rglob("*"))
             if p.is_file() and p.name != MANIFEST}
 
 
-@functools.lru_cache(maxsize=1)
-def modeling_code_hash() -> str:
-    """Hash of every source file under modeling/: a change to model code invalidates outputs."""
-    root = Path(__file__).resolve().parents[1] / "modeling"
-    return _sha("".join(f"{p.relative_to(root)}\n{p.read_text()}" for p in sorted(root.rglob("*.py"))))[:16]
+def _imports(path: Path, package: str) -> set[str]:
+    """unislim modules `path` imports anywhere (top level or inside functions), as dotted names."""
+    tree = ast.parse(path.read_text(), str(path))
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: resolve against this module's package
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                mod = f"{base}.{node.module}" if node.module else base
+            else:
+                mod = node.module or ""
+            found.add(mod)
+            found.update(f"{mod}.{a.name}" for a in node.names)  # `from pkg import submodule`
+    return {m for m in found if m == "unislim" or m.startswith("unislim.")}
+
+
+def _module_file(name: str) -> Path | None:
+    """The source file of a unislim module by its dotted name, without importing it (the top-level
+    folders pipelines/, stages/ and modeling/ are the subpackages unislim.pipelines, ...)."""
+    root = Path(unislim.__file__).resolve().parents[1]
+    parts = name.split(".")
+    base = {"modeling": root / "modeling", "stages": root / "stages", "pipelines": root / "pipelines"}.get(
+        parts[1] if len(parts) > 1 else "", None)
+    folder, rest = (base, parts[2:]) if base is not None else (root / "unislim", parts[1:])
+    target = folder.joinpath(*rest)
+    for candidate in (target.with_suffix(".py"), target / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None  # `from module import name`: an attribute, not a module
+
+
+@functools.cache
+def code_closure(module: str) -> tuple[Path, ...]:
+    """The source files of `module` and of every unislim module it imports, transitively (found by
+    reading the sources, so nothing is imported)."""
+    seen: dict[str, Path | None] = {}
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        path = seen[name] = _module_file(name)
+        if path is None:
+            continue
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        todo.extend(_imports(path, package))
+        parent = name.rpartition(".")[0]
+        if parent:
+            todo.append(parent)  # importing a submodule runs its packages' __init__
+    return tuple(sorted({p for p in seen.values() if p is not None}))
+
+
+def code_hash(module: str) -> str:
+    """Hash of the source of `module` and of everything it imports from unislim."""
+    root = Path(unislim.__file__).resolve().parents[1]
+    parts = []
+    for path in code_closure(module):
+        try:
+            name = str(path.resolve().relative_to(root))
+        except ValueError:
+            name = path.name
+        parts.append(f"{name}\n{path.read_text()}")
+    return _sha("".join(parts))[:16]
 
 
 def cache_key(stage: str, config_slice: dict[str, Any], inputs: dict[str, str], module: Any) -> str:
-    """Hash of (stage, its config slice, its inputs' hashes, package version, stage and model code)."""
+    """Hash of (stage, its config slice, its inputs' hashes, package version, the code it runs: the
+    stage module and every unislim module it imports, transitively)."""
+    name = module if isinstance(module, str) else module.__name__
     payload = {
         "stage": stage,
         "config": config_slice,
         "inputs": inputs,
         "version": unislim.__version__,
-        "code": _sha(inspect.getsource(module))[:16],
-        "modeling": modeling_code_hash(),
+        "code": code_hash(name),
     }
     return _sha(json.dumps(payload, sort_keys=True, default=str))[:16]
 

@@ -93,6 +93,37 @@ def log_folder(uri: str, run_id: str, folder: Path) -> None:
     MlflowClient(uri).log_artifacts(run_id, str(folder))
 
 
+SMALL_FILE = 5 << 20  # bytes: larger files stay in the runs dir (a tag or the output folder points at them)
+
+
+def is_checkpoint(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
+
+
+def log_outputs(uri: str, run_id: str, folder: Path, outputs: dict[str, str], log_checkpoints: str = "none") -> None:
+    """A stage's output into its MLflow run, at real sizes: plots, tables, configs and small files
+    are uploaded; every checkpoint folder gets a tag `unislim.checkpoint.<output>` with its path in
+    the runs dir and is uploaded only as `log_checkpoints` says (`final`: the stage's `checkpoint`
+    output; `all`: every one)."""
+    folder = Path(folder)
+    checkpoints = {str(Path(p)): name for name, p in outputs.items() if is_checkpoint(folder / p)}
+    for sub in folder.rglob("config.json"):  # checkpoints that are no named output (snapshots, trials)
+        if is_checkpoint(sub.parent):
+            checkpoints.setdefault(str(sub.parent.relative_to(folder)), "")
+    set_tags(uri, run_id, {f"unislim.checkpoint.{name}": str(folder / rel) for rel, name in checkpoints.items() if name})
+    upload = {rel for rel, name in checkpoints.items()
+              if log_checkpoints == "all" or (log_checkpoints == "final" and name == "checkpoint")}
+    client = MlflowClient(uri)
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = path.relative_to(folder)
+        inside = next((c for c in checkpoints if c == "." or Path(c) in rel.parents), None)
+        if inside is not None and inside not in upload and path.name not in ("config.json", "unislim.json"):
+            continue  # weights stay in the runs dir
+        if inside is None and path.stat().st_size > SMALL_FILE:
+            continue
+        client.log_artifact(run_id, str(path), str(rel.parent) if str(rel.parent) != "." else None)
+
+
 def end_run(uri: str, run_id: str, ok: bool) -> None:
     MlflowClient(uri).set_terminated(run_id, "FINISHED" if ok else "FAILED")
 

@@ -1,48 +1,74 @@
-"""Ray Train at the edge: stages hand a `train_loop_per_worker(config: dict)` to `fit`.
+"""The one training loop (pretrain, adapt's EFT and MoE phases, mod, search trials) and its Ray Train /
+DeepSpeed glue.
 
-`fit` builds the `ScalingConfig`/`RunConfig` from the stage context: the run is named after the
-stage's cache key and stored under `<runs-dir>/ray_train/`, so rerunning the same stage resumes
-from its last reported checkpoint (Ray Train V2 semantics). Inside the loop, `latest_checkpoint`,
-`report` and `world` are the only Ray calls a stage needs.
+A stage calls `train(ctx, spec, datasets, ...)`: `spec` is a plain dict (what to load, how to prepare
+it, the recipe), `datasets` maps each training task to a Ray Dataset of its `train/` shards. Every
+worker runs `train_loop_per_worker`:
+1. load the checkpoint through its family (or build the family's fresh model), prepare it (insert
+   Mixture-of-Depths routers, freeze the experts for Expert-Frozen Tuning);
+2. AdamW (no decay on norms, biases, embeddings; routers at their own rate) + linear warmup +
+   cosine decay to 10%, inside a DeepSpeed ZeRO engine (`zero_stage` 0–3; fp32 on CPU over gloo, bf16
+   on GPU) over the process group Ray Train set up;
+3. each step, `mix[task] × batch` rows of every task from `ray.train.get_dataset_shard(task)`,
+   collated by the family (its random draws seeded by (seed, rank, global step)), the family's loss
+   plus surgery's auxiliary losses (MoE load balance, MoD predictor);
+4. rank 0 logs to MLflow and every rank reports its optimizer shard with the model every
+   `checkpoint_every` steps — one checkpoint format: an HF folder (`model/`) + `engine-rank<r>.pt` +
+   `state.json`.
+The run is named after the stage's cache key (and phase) under `<runs-dir>/ray_train/`, so rerunning
+a stage resumes from its last checkpoint (Ray Train V2).
 
-DeepSpeed: `deepspeed_engine` wraps a model and its optimizer in a ZeRO engine over the process
-group Ray Train already set up (gloo on CPU, NCCL on GPU); `save_engine_state` / `load_engine_state`
-keep each rank's optimizer shard in the Ray Train checkpoint (every rank reports its own files, Ray
-merges them into one checkpoint folder), loaded back with `torch.load(weights_only=True)`.
+Resume and data order: a resumed run restarts at the step after its checkpoint with the model,
+optimizer and scheduler state and the same per-step random draws, and skips as many rows of each
+task's stream as the steps it already took; the rows themselves come from Ray Data's streaming
+split of the shards, whose assignment of blocks to workers is not fixed, so after a resume (or
+with several workers) a worker may see other rows than an uninterrupted run would have — each
+epoch still covers every row once across the workers.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import shutil
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import ray.train
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from .context import StageContext
 
 
+# ------------------------------------------------------------------------------------ the driver side
+
+
 def fit(loop: Callable[[dict], None], config: dict[str, Any], ctx: StageContext, *, num_workers: int,
-        use_gpu: bool = False, cpus_per_worker: float = 1.0, max_failures: int = 0,
-        keep_checkpoints: int = 2, name_suffix: str = "") -> ray.train.Result:
+        use_gpu: bool = False, cpus_per_worker: float = 1.0, max_failures: int = 0, keep_checkpoints: int = 2,
+        name_suffix: str = "", datasets: dict | None = None, storage: str | None = None,
+        name: str | None = None) -> ray.train.Result:
     """Run `loop` on `num_workers` Ray Train workers; raise if training failed.
 
-    `name_suffix` tells apart several training runs of one stage (e.g. its phases)."""
-    name = ctx.train_run_name + (f"-{name_suffix}" if name_suffix else "")
-    ctx.progress(f"Ray Train: {num_workers} worker(s), run {name} under {ctx.train_storage}")
+    `name_suffix` tells apart several training runs of one stage (e.g. its phases); `datasets` are
+    split across the workers (each reads its shard with `get_dataset_shard(name)`)."""
+    name = name or ctx.train_run_name + (f"-{name_suffix}" if name_suffix else "")
+    storage = storage or ctx.train_storage
+    ctx.progress(f"Ray Train: {num_workers} worker(s), run {name} under {storage}")
     trainer = TorchTrainer(
         loop,
         train_loop_config={**config, "ctx": ctx},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cpus_per_worker}),
-        run_config=RunConfig(name=name, storage_path=ctx.train_storage,
+        run_config=RunConfig(name=name, storage_path=storage,
                              failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints)),
+        datasets=datasets or {},
+        dataset_config=DataConfig(datasets_to_split="all"),
     )
     result = trainer.fit()
     if result.error:
@@ -50,11 +76,43 @@ def fit(loop: Callable[[dict], None], config: dict[str, Any], ctx: StageContext,
     return result
 
 
-def prepare_model(model):
-    """Move to this worker's device and wrap in DDP when there is more than one worker."""
-    import ray.train.torch
+def training_datasets(train_dir: str | Path, tasks: dict[str, dict]) -> dict:
+    """One Ray Dataset per training task (`train/<task>/part-*.parquet` of the shard stage)."""
+    import ray.data
 
-    return ray.train.torch.prepare_model(model)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    return {name: ray.data.read_parquet(str(Path(train_dir) / name)) for name, info in tasks.items()
+            if "train_rows" in info}
+
+
+def train(ctx: StageContext, spec: dict[str, Any], inputs: dict, section: Any, *, name_suffix: str = "",
+          storage: str | None = None, name: str | None = None) -> tuple[Path, dict]:
+    """Train one phase and return (the final checkpoint's `model/` folder copied to a temp folder,
+    the state: history, resumes). `section` is the stage's Ray Train config (workers, CPUs, GPU,
+    max_failures); `inputs` has the shard stage's `train` and `tasks`."""
+    tasks = json.loads(Path(inputs["tasks"].path).read_text())
+    spec = {**spec, "kinds": {name: tasks[name]["kind"] for name in spec["mix"]}}
+    datasets = training_datasets(inputs["train"].path, {n: tasks[n] for n in spec["mix"]})
+    result = fit(train_loop_per_worker, spec, ctx, num_workers=section.num_workers, use_gpu=section.use_gpu,
+                 cpus_per_worker=section.cpus_per_worker, max_failures=section.max_failures,
+                 name_suffix=name_suffix, datasets=datasets, storage=storage, name=name)
+    folder = Path(tempfile.mkdtemp(prefix="unislim-train-"))
+    with result.checkpoint.as_directory() as ckpt:
+        shutil.copytree(Path(ckpt) / "model", folder / "model")
+        if (Path(ckpt) / "snapshots").exists():
+            shutil.copytree(Path(ckpt) / "snapshots", folder / "snapshots")
+        state = json.loads((Path(ckpt) / "state.json").read_text())
+    return folder, state
+
+
+def recipe(section: Any, seed: int, mix: dict[str, float], **extra) -> dict[str, Any]:
+    """The loop spec fields every training stage sets from its config section."""
+    return {"seed": seed, "lr": section.lr, "warmup_steps": section.warmup_steps, "batch_size": section.batch_size,
+            "mix": mix, "zero_stage": section.zero_stage, "log_every": section.log_every,
+            "checkpoint_every": section.checkpoint_every, "threads": max(1, int(section.cpus_per_worker)), **extra}
+
+
+# ------------------------------------------------------------------------------------ worker helpers
 
 
 def world() -> tuple[int, int]:
@@ -84,6 +142,227 @@ def report(metrics: dict[str, Any], write: Callable[[Path], None] | None = None,
     with tempfile.TemporaryDirectory() as folder:
         write(Path(folder))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def make_optimizer(model, lr: float, steps: int, warmup_steps: int, weight_decay: float = 0.01,
+                   router_lr: float | None = None):
+    """AdamW (no decay on norms, biases, embeddings; MoD routers and predictors in their own group at
+    `router_lr`) + linear warmup + cosine decay to 10% of each group's rate."""
+    import torch
+
+    decay, no_decay, routers = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if router_lr is not None and (".mod_routers." in name or ".mod_predictors." in name):
+            routers.append(p)
+        else:
+            (decay if p.ndim >= 2 and "embed" not in name else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if routers:
+        groups.append({"params": routers, "lr": router_lr, "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98))
+    warmup = max(1, warmup_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def local_counts(mix: dict[str, float], batch: int) -> dict[str, int]:
+    """Rows of each task in a batch of `batch`: shares rounded, at least one row of every task,
+    summing to `batch` exactly (largest remainders)."""
+    if batch < len(mix):
+        raise ValueError(f"a batch of {batch} cannot hold a row of each of the {len(mix)} tasks {sorted(mix)}")
+    raw = {t: s * batch for t, s in mix.items()}
+    counts = {t: max(1, int(v)) for t, v in raw.items()}
+    for t in sorted(raw, key=lambda t: raw[t] - int(raw[t]), reverse=True):
+        if sum(counts.values()) >= batch:
+            break
+        counts[t] += 1
+    while sum(counts.values()) > batch:
+        t = max(counts, key=counts.get)
+        counts[t] -= 1
+    return counts
+
+
+def row_stream(shard, n: int, seed: int) -> Iterator[dict]:
+    """Endless batches of `n` rows from one task's dataset shard, epoch after epoch (shuffled
+    locally, seeded per epoch)."""
+    epoch = 0
+    while True:
+        got = False
+        for batch in shard.iter_batches(batch_size=n, batch_format="numpy", drop_last=True,
+                                        local_shuffle_buffer_size=max(4 * n, 256), local_shuffle_seed=seed + epoch):
+            got = True
+            yield batch
+        if not got:
+            raise ValueError(f"a worker's share of a training task holds fewer than {n} rows (one step's worth): "
+                             "give the task more rows or use fewer workers / a smaller batch")
+        epoch += 1
+
+
+def _merge_kinds(rows: dict[str, dict], kinds: dict[str, str]) -> dict[str, dict]:
+    """Rows per task → rows per task kind (two tasks of one kind are concatenated)."""
+    import numpy as np
+
+    out: dict[str, dict] = {}
+    for task, batch in rows.items():
+        kind = kinds[task]
+        if kind not in out:
+            out[kind] = dict(batch)
+        else:
+            common = set(out[kind]) & set(batch)
+            out[kind] = {c: np.concatenate([out[kind][c], batch[c]]) for c in common}
+    return out
+
+
+# ------------------------------------------------------------------------------------ the loop
+
+
+def _build(spec: dict):
+    """The model a phase trains: a checkpoint through its family, or the family's fresh model."""
+    import torch
+
+    from unislim.modeling.families import get_family
+    from unislim.modeling.loading import load_model
+
+    family = get_family(spec["family"], adapter=spec.get("adapter"))
+    if spec.get("init"):
+        model = load_model(spec["init"], family=family)
+    else:
+        torch.manual_seed(spec["seed"])  # identical init on every rank
+        model = family.new_model(**spec["new"])
+    return family, model
+
+
+def _prepare(family, model, spec: dict, rank: int, ctx, fit_batch: Callable[[], dict]) -> None:
+    """Surgery a phase starts with: MoD routers (fitted on `fit_batch()` unless resuming), EFT freezing."""
+    from unislim.modeling.surgery.moe.convert import freeze_experts
+
+    prepare = spec.get("prepare") or {}
+    if prepare.get("mod"):
+        from unislim.modeling.surgery.mod.fit import fit_routers
+        from unislim.modeling.surgery.mod.layer import add_mod
+
+        adapter = family.adapter(model)
+        family.stamp(model, adapter)
+        mod = prepare["mod"]
+        add_mod(model, adapter, {t: {int(i): c for i, c in caps.items()} for t, caps in mod["capacity"].items()},
+                routing_mode=mod["routing"], causal_tasks=tuple(mod["causal_tasks"]), keep_last=mod["keep_last"],
+                aux_weight=mod["aux_weight"])
+        if mod.get("router_init") == "fit" and ray.train.get_checkpoint() is None:
+            batch = fit_batch()  # DeepSpeed broadcasts rank 0's weights: every rank starts from its fit
+            fit = fit_routers(model, lambda: family.loss(model, batch))
+            if rank == 0:
+                ctx.progress(f"routers fitted to each layer's per-token update (R² {fit})")
+    if prepare.get("freeze_experts"):
+        frozen = freeze_experts(model, True)
+        if rank == 0:
+            ctx.progress(f"Expert-Frozen Tuning: {frozen:,} expert parameters frozen")
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """One Ray Train worker: build, prepare, wrap in DeepSpeed, resume, train on the data shards, report."""
+    import itertools
+
+    import torch
+
+    from unislim.modeling.surgery import aux
+
+    torch.set_num_threads(config["threads"])
+    rank, world_size = world()
+    ctx, steps, prefix = config["ctx"], config["steps"], config.get("log_prefix", "train")
+    family, model = _build(config)
+    local_batch = config["batch_size"] // world_size
+    counts = local_counts(config["mix"], local_batch)
+    kinds = config["kinds"]
+
+    def collate(rows: dict, step: int):
+        generator = torch.Generator().manual_seed((config["seed"] * 1_000_003 + rank) * 10_000_019 + step)
+        return family.collate(_merge_kinds(rows, kinds), generator, model.config)
+
+    streams = {t: row_stream(ray.train.get_dataset_shard(t), n, config["seed"] * 7919 + rank)
+               for t, n in counts.items()}
+    first = {t: next(s) for t, s in streams.items()}  # peeked for router fitting, then trained on
+    streams = {t: itertools.chain([first[t]], s) for t, s in streams.items()}
+    _prepare(family, model, config, rank, ctx, lambda: collate(first, -1))
+    model.train()
+    optimizer, scheduler = make_optimizer(model, config["lr"], steps, config["warmup_steps"],
+                                          router_lr=config.get("router_lr"))
+    engine, start, history, resumes = resume_deepspeed(model, optimizer, scheduler, zero_stage=config["zero_stage"],
+                                                       micro_batch_size=local_batch)
+    if start and rank == 0:
+        ctx.progress(f"{prefix}: resumed from step {start}")
+    dtype = next(engine.module.parameters()).dtype
+    for _ in range(start):  # the rows the interrupted run already trained on (see the module docstring)
+        for s in streams.values():
+            next(s)
+    snapshots = Path(tempfile.mkdtemp(prefix="unislim-snapshots-"))
+    with latest_checkpoint() as folder:
+        if folder is not None and (folder / "snapshots").exists():
+            shutil.copytree(folder / "snapshots", snapshots, dirs_exist_ok=True)
+
+    offset = config.get("step_offset", 0)
+    sums: dict[str, float] = {}
+    busy, t_log, last_log = 0.0, time.time(), start
+    for step in range(start, steps):
+        if step == config.get("fail_at_step") and rank == world_size - 1 and start == 0:
+            # An injected worker death (`fail_at_step`), only before any resume. The Ray Train
+            # controller collects reported checkpoints by polling: wait as a real step would.
+            time.sleep(5)
+            os._exit(1)
+        batch = collate({t: next(s) for t, s in streams.items()}, offset + step)
+        batch = {k: v.to(engine.device, dtype if v.is_floating_point() else None) if hasattr(v, "to") else v
+                 for k, v in batch.items()}
+        t0 = time.perf_counter()
+        aux.reset(model)
+        loss, parts = family.loss(engine, batch)
+        extra = aux.parts(model)
+        total = loss + sum(extra.values()) if extra else loss
+        engine.backward(total)
+        engine.step()
+        busy += time.perf_counter() - t0
+        for k, v in {"loss": total, **parts, **extra}.items():
+            sums[k] = sums.get(k, 0.0) + float(v.detach())
+
+        done = step + 1
+        if done in config.get("snapshot_steps", ()) and rank == 0:
+            model.save_pretrained(snapshots / f"step-{done}")
+        if done % config["log_every"] == 0 or done == steps:
+            n = done - last_log
+            entry = {"step": done, **{k: v / n for k, v in sums.items()}, "lr": scheduler.get_last_lr()[0],
+                     "time_s": round(time.time() - t_log, 3), "busy_s": round(busy, 4), "steps": n}
+            entry.update(_router_load(model))
+            history.append(entry)
+            sums, busy, t_log, last_log = {}, 0.0, time.time(), done
+            if rank == 0:
+                ctx.log_metrics({f"{prefix}/{k}": v for k, v in entry.items() if k not in ("step", "steps")},
+                                step=offset + done)
+                ctx.progress(f"{prefix} step {done}/{steps}  loss {entry['loss']:.4f}  "
+                             f"{entry['busy_s'] / n:.3f}s/step")
+        if done % config["checkpoint_every"] == 0 or done == steps:
+            report({"step": done, "loss": history[-1]["loss"] if history else float("nan")},
+                   write=lambda f: save_deepspeed(f, engine, model, done, history, resumes, snapshots),
+                   all_ranks=True)
+    shutil.rmtree(snapshots, ignore_errors=True)
+
+
+def _router_load(model) -> dict[str, float]:
+    """Routed tokens per expert in the last forward, max over mean (1 = balanced)."""
+    import torch
+
+    from unislim.modeling.surgery.moe.convert import moe_mlps
+
+    moe = moe_mlps(model)
+    if not moe:
+        return {}
+    load = torch.stack([m.last_load.double().cpu() for m in moe.values()])
+    return {"router_load_max_over_mean": float((load.max(1).values / load.mean(1).clamp(min=1e-9)).mean())}
 
 
 # ------------------------------------------------------------------------------------ DeepSpeed
@@ -174,9 +453,10 @@ def resume_deepspeed(model, optimizer, scheduler=None, **engine_options) -> tupl
     return engine, start, history, resumes
 
 
-def save_deepspeed(folder: Path, engine, model, step: int, history: list, resumes: list) -> None:
+def save_deepspeed(folder: Path, engine, model, step: int, history: list, resumes: list,
+                   snapshots: Path | None = None) -> None:
     """Every rank: its optimizer shard. Rank 0: the model (gathered first under ZeRO-3, a
-    collective), the step, the log, and the steps the run was resumed from."""
+    collective), the step, the log, the steps the run was resumed from, and early snapshots."""
     from contextlib import nullcontext
 
     rank, _ = world()
@@ -189,4 +469,6 @@ def save_deepspeed(folder: Path, engine, model, step: int, history: list, resume
     with gathered:
         if rank == 0:
             model.save_pretrained(folder / "model")
+            if snapshots is not None and snapshots.exists() and any(snapshots.iterdir()):
+                shutil.copytree(snapshots, folder / "snapshots")
             (folder / "state.json").write_text(json.dumps({"step": step, "history": history, "resumes": resumes}))

@@ -1,11 +1,15 @@
 """Stage `score`: importance of layers, sublayers, neurons and heads, per calibration task.
 
-Distributed: `score.num_workers` Ray actors each load the model once (on a GPU when asked) and
-consume one `streaming_split` of the task's Parquet shards, accumulating float64 sums and counts
-(`CalibrationRecorder`). The driver adds them up — an exact reduction, so N workers give the
-single-process scores — and worker 0 turns them into scores (it holds the weights). Outputs:
-`scores/<task>.safetensors` (see `modeling.importance.scores_from_stats`; generation tasks also
-carry `bucket.<b>/...` per denoising-step bucket), `plots/layer_importance.png` and
+Distributed: `score.num_workers` Ray actors each load the model once (on a GPU when asked) through
+its family, and each records a fixed, contiguous slice of every task's calibration rows
+(`family.calibrate` sets the token mask and step buckets; `CalibrationRecorder` accumulates float64
+sums and counts). The driver adds the slices' sums up in worker order — an exact, deterministic
+reduction, so N workers give the single-process scores and a forced rerun gives the same bits —
+and worker 0 turns them into scores (it holds the weights). Calibration sets are small (128 rows),
+so the driver reads them with pyarrow and hands each actor its rows directly.
+
+Outputs: `scores/<task>.safetensors` (see `modeling.importance.scores_from_stats`; generation tasks
+also carry `bucket.<b>/...` per denoising-step bucket), `plots/layer_importance.png` and
 `plots/neuron_overlap.png` (the paper's Figure 2).
 """
 
@@ -16,8 +20,9 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow.parquet as pq
 import ray
-import ray.data
 import torch
 from safetensors.torch import save_file
 
@@ -26,30 +31,31 @@ from unislim.modeling.importance import merge_stats
 
 @ray.remote
 class ScoreWorker:
-    """Holds one copy of the model; records statistics over the shards it is handed."""
+    """Holds one copy of the model; records statistics over the rows it is handed."""
 
-    def __init__(self, checkpoint: str, trust_remote_code: bool, use_gpu: bool, threads: int):
-        from unislim.modeling.adapters import adapter_for
-        from unislim.modeling.loading import load_model
+    def __init__(self, checkpoint: str, model_cfg: dict, use_gpu: bool, threads: int):
+        from types import SimpleNamespace
+
+        from unislim.modeling.families import from_model_config
 
         torch.set_num_threads(threads)
-        self.model = load_model(checkpoint, trust_remote_code, "cuda" if use_gpu else "cpu")
-        self.adapter = adapter_for(self.model)
+        self.family = from_model_config(checkpoint, SimpleNamespace(**model_cfg))
+        self.model = self.family.load(checkpoint, device="cuda" if use_gpu else "cpu")
+        self.adapter = self.family.adapter(self.model)
 
-    def record(self, shard, kind: str, batch_size: int, gen_steps: int, cfg_scale: float | None,
-               buckets: int) -> tuple[dict[str, torch.Tensor], int]:
-        from unislim.modeling.calibration import run_batch
+    def record(self, rows: dict[str, np.ndarray], kind: str, batch_size: int, options: dict) -> tuple[dict, int]:
         from unislim.modeling.importance import CalibrationRecorder
 
-        rows = 0
+        n = len(next(iter(rows.values()))) if rows else 0
+        done = 0
         # an understanding task never reaches a mixture-of-transformers model's generation copies
         components = ("und",) if kind in ("und", "text") else ("und", "gen")
         with CalibrationRecorder(self.model, self.adapter, components) as recorder:
-            for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
-                rows += run_batch(self.model, kind, batch, recorder, gen_steps=gen_steps, cfg_scale=cfg_scale,
-                                  buckets=buckets)
-            recorder.require_data = rows > 0  # an empty shard is fine; a silent hook despite data is not
-        return recorder.stats(), rows
+            for lo in range(0, n, batch_size):
+                batch = {k: v[lo:lo + batch_size] for k, v in rows.items()}
+                done += self.family.calibrate(self.model, kind, batch, recorder, **options)
+            recorder.require_data = done > 0  # an empty slice is fine; a silent hook despite data is not
+        return recorder.stats(), done
 
     def scores(self, stats: dict[str, torch.Tensor], buckets: list[str]) -> dict[str, torch.Tensor]:
         from unislim.modeling.importance import scores_from_stats
@@ -61,31 +67,50 @@ class ScoreWorker:
         return out
 
 
+def _read_rows(folder: Path) -> dict[str, np.ndarray]:
+    """Every calibration row of a task, in shard order, column → numpy array (object for lists)."""
+    import pyarrow as pa
+
+    table = pa.concat_tables([pq.read_table(f) for f in sorted(folder.glob("*.parquet"))])
+    out = {}
+    for name in table.column_names:
+        if str(table.schema.field(name).type).startswith(("list", "large_list")):
+            values = table.column(name).to_pylist()
+            out[name] = np.empty(len(values), dtype=object)  # one list per row, whatever their lengths
+            for i, v in enumerate(values):
+                out[name][i] = v
+        else:
+            out[name] = table.column(name).to_numpy(zero_copy_only=False)
+    return out
+
+
 def run(cfg: Any, inputs: dict, ctx: Any) -> dict[str, str]:
     sc = cfg.score
-    ray.data.DataContext.get_current().enable_progress_bars = False  # stage progress lines instead
-    tasks = json.loads(Path(inputs["tasks"].path).read_text())
+    tasks = {k: v for k, v in json.loads(Path(inputs["tasks"].path).read_text()).items() if v.get("rows")}
     calib = Path(inputs["calib"].path)
-    datasets = {name: ray.data.read_parquet(str(calib / name)).materialize() for name in tasks}  # before the
-    # actors take the CPUs, so reading never waits behind them
+    rows = {name: _read_rows(calib / name) for name in tasks}
+    model_cfg = cfg.model.model_dump()
     workers = [ScoreWorker.options(num_cpus=sc.cpus_per_worker, num_gpus=1 if sc.use_gpu else 0).remote(
-        inputs["checkpoint"].path, cfg.model.trust_remote_code, sc.use_gpu, max(1, int(sc.cpus_per_worker)))
+        inputs["checkpoint"].path, model_cfg, sc.use_gpu, max(1, int(sc.cpus_per_worker)))
         for _ in range(sc.num_workers)]
     out = Path(ctx.out_dir)
     (out / "scores").mkdir(parents=True)
+    options = {"gen_steps": sc.gen_steps, "cfg_scale": sc.cfg_scale, "buckets": sc.step_buckets}
     all_scores: dict[str, dict[str, torch.Tensor]] = {}
     for name, info in tasks.items():
-        ctx.progress(f"{name}: {info['rows']} rows over {sc.num_workers} worker(s)")
-        shards = datasets[name].streaming_split(sc.num_workers)
-        parts = ray.get([w.record.remote(s, info["kind"], sc.batch_size, sc.gen_steps, sc.cfg_scale, sc.step_buckets)
-                         for w, s in zip(workers, shards)])
-        stats = merge_stats(p[0] for p in parts)
-        rows = sum(p[1] for p in parts)
-        assert rows == info["rows"], f"{name}: scored {rows} rows of {info['rows']}"
+        n = info["rows"]
+        ctx.progress(f"{name}: {n} rows over {sc.num_workers} worker(s)")
+        bounds = np.linspace(0, n, sc.num_workers + 1).round().astype(int)  # contiguous slices, fixed
+        parts = ray.get([w.record.remote({k: v[lo:hi] for k, v in rows[name].items()}, info["kind"], sc.batch_size,
+                                         options) for w, lo, hi in zip(workers, bounds[:-1], bounds[1:])])
+        stats = merge_stats(p[0] for p in parts)  # in worker order: deterministic
+        scored = sum(p[1] for p in parts)
+        assert scored == n, f"{name}: scored {scored} rows of {n}"
+        _check_finite(name, stats)
         buckets = [str(b) for b in range(sc.step_buckets)] if info["kind"] == "gen" else []
         scores = ray.get(workers[0].scores.remote(stats, buckets))
         save_file({k: v.contiguous() for k, v in scores.items()}, str(out / "scores" / f"{name}.safetensors"),
-                  metadata={"task": name, "kind": info["kind"], "rows": str(rows)})
+                  metadata={"task": name, "kind": info["kind"], "rows": str(scored)})
         all_scores[name] = scores
         ctx.progress(f"{name}: done; least important blocks {_order(scores['layer_importance.block'])[:3]}")
     for w in workers:
@@ -96,6 +121,13 @@ def run(cfg: Any, inputs: dict, ctx: Any) -> dict[str, str]:
     metrics = {f"score/overlap/{k}": v for k, v in overlap.items()}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return {"scores": "scores", "plots": "plots"}
+
+
+def _check_finite(task: str, stats: dict[str, torch.Tensor]) -> None:
+    bad = sorted(k for k, v in stats.items() if not torch.isfinite(v).all())
+    if bad:
+        raise ValueError(f"score: task {task!r} gave non-finite statistics ({len(bad)} of {len(stats)}, e.g. "
+                         f"{bad[:3]}): the calibration rows or the model produce NaN/inf; nothing was saved")
 
 
 def _order(importance: torch.Tensor) -> list[int]:

@@ -43,10 +43,11 @@ from unislim.pipelines.store import Artifact
 from . import adapt, partition
 from .evaluate import evaluate_checkpoint
 
-# What each report carries besides the score (evaluate's metrics.json names → short Tune names)
+# What each report carries besides the score (evaluate's metrics.json names → short Tune names); the
+# per-task keys nll/<task>, agreement/<task>, flops/<task>_per_sample, latency_ms/<task>_per_sample too
 REPORTED = {"mme/overall": "mme", "geneval/overall": "geneval", "fid/gen": "fid", "params/active": "params_active",
-            "params/total": "params_total", "flops/und_per_sample": "flops_und", "flops/gen_per_sample": "flops_gen",
-            "latency_ms/und_per_sample": "latency_ms_und", "latency_ms/gen_per_sample": "latency_ms_gen"}
+            "params/total": "params_total"}
+PER_TASK = ("nll", "agreement", "kl", "mse", "flops", "latency_ms")
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,10 @@ class TrialSetup:
     search: dict  # the search section (model_dump)
     scores: Artifact
     checkpoint: Artifact
+    train: Artifact  # the shard stage's training rows (trials train on them)
+    heldout: Artifact  # ... and held-out rows (trials are evaluated on them)
+    tasks: Artifact
+    mix: dict  # task -> share of each training batch
     work_dir: str
     runs_dir: str
     dense: dict  # the source model's evaluation (the reference of relative cost)
@@ -73,11 +78,12 @@ def run(cfg: Any, inputs: dict, ctx: Any) -> dict[str, str]:
     work = tuning.experiment_path(ctx).with_name(f"search-{ctx.key}.trials")
     _start_over_if_forced(ctx, work)
     work.mkdir(parents=True, exist_ok=True)
-    dense = _dense_reference(Path(inputs["checkpoint"].path), s, cfg.evaluate, work, ctx)
+    dense = _dense_reference(inputs, cfg.model, s, cfg.evaluate, work, ctx)
     base = {k: getattr(cfg, k).model_dump(mode="json") if hasattr(getattr(cfg, k), "model_dump") else getattr(cfg, k)
             for k in ("seed", "model", "partition", "adapt", "evaluate")}
     setup = TrialSetup(key=ctx.key, keys=tuple(s.space), base=base, search=s.model_dump(mode="json"),
-                       scores=inputs["scores"], checkpoint=inputs["checkpoint"], work_dir=str(work),
+                       scores=inputs["scores"], checkpoint=inputs["checkpoint"], train=inputs["train"],
+                       heldout=inputs["heldout"], tasks=inputs["tasks"], mix=cfg.mix, work_dir=str(work),
                        runs_dir=str(ctx.runs_dir), dense=dense, tracking_uri=ctx.tracking_uri,
                        experiment_id=_experiment_id(ctx), parent_run_id=ctx.run_id)
 
@@ -117,15 +123,16 @@ def run(cfg: Any, inputs: dict, ctx: Any) -> dict[str, str]:
     metrics.update({"search/trials": len(table), "search/max_concurrent_trials": concurrent,
                     "search/best_score": float(best["score"]), "search/best_quality": float(best["quality"]),
                     "search/pareto_size": int(table.pareto_params.sum()),
-                    "mme/overall": float(best["mme"]), "geneval/overall": float(best["geneval"]),
                     "params/active": float(best["params_active"]), "dense/quality": dense["quality"],
                     "dense/params_active": dense["params_active"]})
+    metrics.update({long: float(best[short]) for long, short in REPORTED.items()
+                    if short in best and best[short] is not None and not math.isnan(best[short])})
     (out / "metrics.json").write_text(json.dumps({"best_trial": best["trial_id"], **metrics}, indent=2))
     ctx.progress(f"{len(table)} trials {counts}; best {best['trial_id']}: score {best['score']:.4f}, quality "
                  f"{best['quality']:.3f} at {best['params_active']:,.0f} active params "
                  f"({ {k: _plain(best[k]) for k in setup.keys} })")
     return {"trials": "trials.parquet", "pareto": "plots/pareto.png", "best_pipeline": "best_pipeline.yaml",
-            "checkpoint": "best/checkpoint"}
+            "checkpoint": "best/checkpoint", "best": "best/checkpoint"}
 
 
 def _start_over_if_forced(ctx: Any, work: Path) -> None:
@@ -160,10 +167,28 @@ def param_space(s: SearchConfig) -> dict[str, Any]:
     return space
 
 
+def quality_of(metrics: dict[str, float], kind: str) -> float:
+    """`search.objective.quality`: digits-MME / GenEval (or their mean), held-out agreement with the
+    source (mean over tasks), or minus the mean held-out NLL; auto: mean for digits, else agreement."""
+    if kind == "auto":
+        kind = "mean" if "mme" in metrics else "agreement"
+    if kind in ("mean", "mme", "geneval"):
+        if "mme" not in metrics:
+            raise ValueError(f"search.objective.quality={kind!r} needs digits metrics; this family has none "
+                             "(use agreement or nll)")
+        return {"mean": (metrics["mme"] + metrics["geneval"]) / 2, "mme": metrics["mme"],
+                "geneval": metrics["geneval"]}[kind]
+    prefix = "agreement/" if kind == "agreement" else "nll/"
+    values = [v for k, v in metrics.items() if k.startswith(prefix)]
+    if not values:
+        raise ValueError(f"search.objective.quality={kind!r}: the evaluation has no {prefix}* metrics")
+    mean = sum(values) / len(values)
+    return mean if kind == "agreement" else -mean
+
+
 def objective(metrics: dict[str, float], obj: dict, dense: dict) -> tuple[float, float, float]:
     """(score, quality, cost relative to the dense model) of one evaluation."""
-    quality = {"mean": (metrics["mme"] + metrics["geneval"]) / 2, "mme": metrics["mme"],
-               "geneval": metrics["geneval"]}[obj["quality"]]
+    quality = quality_of(metrics, obj["quality"])
     cost_key = "params_active" if obj["cost"] == "active_params" else "latency_ms"
     relative = metrics[cost_key] / dense[cost_key]
     if obj["kind"] == "budget":  # over budget ranks below every model within it, the further the lower
@@ -213,11 +238,14 @@ def run_trial(config: dict, setup: TrialSetup) -> None:
         StageContext(stage="search", key=ctx.key, out_dir=out, runs_dir=ctx.runs_dir)))
     phases = [(name, steps) for name, steps in (("eft", a.eft_steps), ("moe", a.moe_steps)) if steps > 0]
     init = partitioned / "checkpoint"
+    from unislim.modeling.families import from_model_config
+
+    family = from_model_config(init, _model(setup))
     for i, (phase, steps) in enumerate(phases):
-        loop_config = adapt.phase_config(a, setup.base["seed"], init, phase, steps,
-                                         step_offset=sum(n for _, n in phases[:i]))
+        spec = adapt.phase_spec(a, setup.base["seed"], setup.mix, family, setup.base["model"]["adapter"], init,
+                                phase, steps, step_offset=sum(n for _, n in phases[:i]))
         trained = _cached(work / phase, work, f"fit-{phase}",
-                          lambda out: _fit(loop_config, ctx, a, phase, out)) / "checkpoint"
+                          lambda out: _fit(spec, ctx, a, phase, out, setup)) / "checkpoint"
         metrics = _evaluated(trained, work / f"eval-{phase}.json", work, setup)
         score, quality, relative = objective(metrics, setup.search["objective"], setup.dense)
         final = i == len(phases) - 1
@@ -273,13 +301,13 @@ def _cached(folder: Path, work: Path, step: str, make) -> Path:
     return folder
 
 
-def _fit(loop_config: dict, ctx: StageContext, a: Any, phase: str, out: Path) -> None:
-    """One adapt phase on its own TorchTrainer (resumes by name), its model copied into `out`."""
-    result = training.fit(adapt.train_loop, loop_config, ctx, num_workers=a.num_workers, use_gpu=a.use_gpu,
-                          cpus_per_worker=a.cpus_per_worker, max_failures=a.max_failures, name_suffix=phase)
-    with result.checkpoint.as_directory() as ckpt:
-        shutil.copytree(Path(ckpt) / "model", out / "checkpoint")
-    source = json.loads((Path(loop_config["init"]) / "unislim.json").read_text())["description"]
+def _fit(spec: dict, ctx: StageContext, a: Any, phase: str, out: Path, setup: TrialSetup) -> None:
+    """One adapt phase of the one training loop on its own TorchTrainer (resumes by name), its model
+    copied into `out`."""
+    folder, _ = training.train(ctx, spec, {"train": setup.train, "tasks": setup.tasks}, a, name_suffix=phase)
+    shutil.move(str(folder / "model"), out / "checkpoint")
+    shutil.rmtree(folder, ignore_errors=True)
+    source = json.loads((Path(spec["init"]) / "unislim.json").read_text())["description"]
     (out / "checkpoint" / "unislim.json").write_text(json.dumps({"description": f"adapt:{phase}:{source}",
                                                                  "stage": "search"}))
 
@@ -287,8 +315,10 @@ def _fit(loop_config: dict, ctx: StageContext, a: Any, phase: str, out: Path) ->
 def _evaluated(checkpoint: Path, path: Path, work: Path, setup: TrialSetup) -> dict[str, float]:
     if not path.exists():
         e, s = setup.base["evaluate"], setup.search
-        metrics = evaluate_checkpoint(checkpoint, n_und=s["n_und"], n_gen=s["n_gen"], steps=e["steps"],
-                                      cfg_scale=e["cfg_scale"], seed=e["seed"], progress=lambda m: None)
+        metrics = evaluate_checkpoint(checkpoint, source=setup.checkpoint.path, heldout=setup.heldout.path,
+                                      tasks=json.loads(Path(setup.tasks.path).read_text()), model_cfg=_model(setup),
+                                      n_und=s["n_und"], n_gen=s["n_gen"], steps=e["steps"], cfg_scale=e["cfg_scale"],
+                                      seed=e["seed"], progress=lambda m: None)
         path.write_text(json.dumps(_short(metrics)))
         with open(work / "compute.log", "a") as f:
             f.write(f"{path.stem}\n")
@@ -296,8 +326,11 @@ def _evaluated(checkpoint: Path, path: Path, work: Path, setup: TrialSetup) -> d
 
 
 def _short(metrics: dict) -> dict[str, float]:
+    """The numbers a trial reports: `REPORTED` under short names, the per-task ones as they are, and
+    `latency_ms`, the summed per-sample latency of every task."""
     short = {REPORTED[k]: float(v) for k, v in metrics.items() if k in REPORTED}
-    short["latency_ms"] = short["latency_ms_und"] + short["latency_ms_gen"]
+    short.update({k: float(v) for k, v in metrics.items() if k.split("/")[0] in PER_TASK and not isinstance(v, str)})
+    short["latency_ms"] = sum(v for k, v in metrics.items() if k.startswith("latency_ms/"))
     return short
 
 
@@ -307,12 +340,15 @@ def _model(setup: TrialSetup):
     return ModelConfig.model_validate(setup.base["model"])
 
 
-def _dense_reference(checkpoint: Path, s: SearchConfig, e: Any, work: Path, ctx: Any) -> dict:
+def _dense_reference(inputs: dict, model_cfg: Any, s: SearchConfig, e: Any, work: Path, ctx: Any) -> dict:
     """The source model evaluated as the trials are (cost and quality of 'no compression')."""
     path = work / "dense.json"
     if not path.exists():
         ctx.progress(f"evaluating the dense source model ({s.n_und} / {s.n_gen} samples)")
-        metrics = _short(evaluate_checkpoint(checkpoint, n_und=s.n_und, n_gen=s.n_gen, steps=e.steps,
+        checkpoint = inputs["checkpoint"].path
+        metrics = _short(evaluate_checkpoint(checkpoint, source=checkpoint, heldout=inputs["heldout"].path,
+                                             tasks=json.loads(Path(inputs["tasks"].path).read_text()),
+                                             model_cfg=model_cfg, n_und=s.n_und, n_gen=s.n_gen, steps=e.steps,
                                              cfg_scale=e.cfg_scale, seed=e.seed, progress=lambda m: None))
         quality = objective(metrics, s.objective.model_dump(), metrics)[1]
         path.write_text(json.dumps({**metrics, "quality": quality}))
@@ -386,6 +422,7 @@ def _row(result, keys: tuple[str, ...]) -> dict[str, Any]:
                 "score": float(m.get("score", -math.inf)), "quality": m.get("quality"),
                 "cost_relative": m.get("cost_relative"), "checkpoint": m.get("checkpoint", "")})
     row.update({k: m.get(k) for k in (*REPORTED.values(), "latency_ms")})
+    row.update({k: v for k, v in m.items() if k.split("/")[0] in PER_TASK})
     return row
 
 
@@ -397,7 +434,7 @@ def _plain(v: Any) -> Any:
 def _export_best(cfg: Any, values: dict[str, Any], path: Path) -> None:
     """This config with the best trial's values, running partition → adapt → evaluate instead of the search."""
     data = {k: getattr(cfg, k).model_dump(mode="json") if hasattr(getattr(cfg, k), "model_dump") else getattr(cfg, k)
-            for k in ("experiment", "seed", "model", "pretrain", "shard", "score", "partition", "adapt",
+            for k in ("experiment", "seed", "model", "data", "pretrain", "shard", "score", "partition", "adapt",
                       "evaluate", "search")}
     data["name"] = "search-best"
     for key, value in values.items():
@@ -421,8 +458,8 @@ def _plot_pareto(table, dense: dict, quality: str, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     scored = table[table.status.isin(["complete", "stopped"])]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, cost, front, label in ((axes[0], "params_active", "pareto_params", "active parameters per gen token"),
-                                   (axes[1], "latency_ms", "pareto_latency", "latency, und + gen (ms per sample)")):
+    for ax, cost, front, label in ((axes[0], "params_active", "pareto_params", "active parameters per token"),
+                                   (axes[1], "latency_ms", "pareto_latency", "latency, summed over tasks (ms per sample)")):
         for status, marker in (("complete", "o"), ("stopped", "o")):
             part = scored[scored.status == status]
             ax.scatter(part[cost], part["quality"], s=40, marker=marker,

@@ -51,11 +51,32 @@ class ModelConfig(_Section):
     variant: Literal["shared", "mot"] = Field(
         "shared", description="shared weights for all tokens, or per-modality copies (mixture-of-transformers)")
     trust_remote_code: bool = Field(False, description="allow a checkpoint's own modeling code to run")
+    family: Literal["auto", "digits", "causal_lm"] = Field(
+        "auto", description="model family (auto: from the checkpoint's config; the reference source is digits)")
+    adapter: dict[str, Any] | None = Field(
+        None, description="where the model keeps its layers, MLPs and attention, over the built-in entry for its "
+        "model_type (keys: layers, mlp, mlp_proj, mlp_act, attention, attn_proj, proj_suffix, config, heads; "
+        "see README 'Compress your own checkpoint')")
 
     @model_validator(mode="after")
     def _path_matches_source(self) -> ModelConfig:
         _path_iff_source(self, "path")
+        _rule(not (self.source == "reference" and self.family not in ("auto", "digits")), "family",
+              f"the reference source is the digits family (got {self.family!r})")
+        if self.adapter is not None:
+            from unislim.modeling.adapters import Adapter, AdapterError
+
+            try:
+                Adapter.from_dict(self.adapter, Adapter("default"))
+            except (AdapterError, TypeError) as e:
+                raise ValueError(f"@adapter: {str(e).removeprefix('model.adapter: ')}") from None
         return self
+
+
+class TrackingConfig(_Section):
+    log_checkpoints: Literal["none", "final", "all"] = Field(
+        "none", description="copy checkpoint folders into the MLflow artifact store: none (a tag points at each "
+        "folder in the runs dir), final (the last checkpoint of each stage), all")
 
 
 class _RayTrainSection(_Section):
@@ -73,7 +94,8 @@ class PretrainConfig(_RayTrainSection):
     batch_size: int = Field(64, ge=1, le=65_536, description="global batch (split evenly across workers)")
     lr: float = Field(1e-3, gt=0, le=1.0, description="peak learning rate (AdamW, warmup then cosine)")
     warmup_steps: int = Field(100, ge=0, le=1_000_000, description="linear warmup steps")
-    und_fraction: float = Field(0.5, gt=0, lt=1, description="share of each batch that is understanding samples")
+    mix: dict[str, float] | None = Field(None, description="share of each batch per task (null: data.tasks weights)")
+    zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage (0: plain data parallel)")
     checkpoint_every: int = Field(500, ge=1, le=1_000_000, description="report a resumable checkpoint every N steps")
     log_every: int = Field(50, ge=1, le=1_000_000, description="log training metrics every N steps")
     snapshots: list[float] = Field([0.1], max_length=20,
@@ -103,6 +125,8 @@ class TaskPruningConfig(_Section):
     enabled: bool = Field(True, description="separate MLP widths per task, cut by each task's own neuron scores")
     keep_und: float = Field(0.5, gt=0, le=1, description="fraction of each MLP's neurons understanding keeps")
     keep_gen: float = Field(0.5, gt=0, le=1, description="fraction of each MLP's neurons generation keeps")
+    keep_text: float = Field(0.5, gt=0, le=1, description="fraction of each MLP's neurons a text task keeps "
+                             "(causal LMs)")
     full_last_steps: int = Field(4, ge=0, le=1000, description="tau: the last denoising steps run the full network")
 
 
@@ -203,6 +227,39 @@ class ShardConfig(_Section):
         return self
 
 
+class DataTask(CalibrationTask):
+    weight: float = Field(1.0, gt=0, le=1_000_000, description="mixing weight: share of each training batch "
+                          "(normalised over the tasks)")
+
+
+class DataConfig(_Section):
+    """Training and held-out data: `shard` writes `train/<task>/` and `heldout/<task>/` beside `calib/`."""
+
+    tasks: list[DataTask] | None = Field(
+        None, max_length=64, description="the training tasks (null: the calibration tasks of shard.tasks, "
+        "equal weights)")
+    rows: int | Literal["auto"] = Field(
+        "auto", description="training rows per task: generated rows of a reference task (auto: as many as the "
+        "longest training stage reads, 1 epoch), at most this many rows of a Parquet task (auto: all)")
+    heldout: int = Field(64, ge=1, le=10_000_000, description="rows per task kept out of training, for "
+                         "evaluate's held-out NLL and agreement with the source")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="sampling and shuffling seed")
+    rows_per_file: int = Field(4096, ge=1, le=10_000_000, description="rows per Parquet shard")
+
+    @field_validator("rows")
+    @classmethod
+    def _rows(cls, v: int | str) -> int | str:
+        if v != "auto" and not 1 <= v <= 100_000_000:
+            raise ValueError(f"must be 'auto' or 1..100000000 (got {v})")
+        return v
+
+    @model_validator(mode="after")
+    def _unique(self) -> DataConfig:
+        names = [t.name for t in self.tasks or []]
+        _rule(len(set(names)) == len(names), "tasks", f"task names must be unique (got {names})")
+        return self
+
+
 class ScoreConfig(_Section):
     enabled: bool = Field(True, description="score layers, neurons and heads per calibration task")
     num_workers: int = Field(2, ge=1, le=1024, description="Ray actors scoring shards in parallel")
@@ -231,6 +288,9 @@ class PruneConfig(_Section):
     sparsity: float = Field(0.5, ge=0.0, lt=1.0,
                             description="fraction removed: of each MLP's neurons, of the blocks/sublayers, of KV groups")
     keep_first_last: bool = Field(True, description="never drop the first and last block or sublayer")
+    allocation: Literal["uniform", "global"] = Field(
+        "uniform", description="neurons: the same fraction of every MLP, or one threshold over all MLPs (each layer's "
+        "scores normalised by their mean) giving per-layer widths")
 
     @model_validator(mode="after")
     def _supported(self) -> PruneConfig:
@@ -279,7 +339,7 @@ class AdaptConfig(_RayTrainSection):
     lr: float = Field(3e-4, gt=0, le=1.0, description="peak learning rate of each phase (AdamW, warmup, cosine)")
     warmup_steps: int = Field(20, ge=0, le=1_000_000, description="linear warmup steps of each phase")
     batch_size: int = Field(32, ge=2, le=65_536, description="global batch (split evenly across workers)")
-    und_fraction: float = Field(0.5, gt=0, lt=1, description="share of each batch that is understanding samples")
+    mix: dict[str, float] | None = Field(None, description="share of each batch per task (null: data.tasks weights)")
     zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage")
     checkpoint_every: int = Field(100, ge=1, le=1_000_000, description="report a resumable checkpoint every N steps")
     log_every: int = Field(20, ge=1, le=1_000_000, description="log training metrics every N steps")
@@ -315,12 +375,14 @@ class ModConfig(_RayTrainSection):
                              "(0: every routed task and layer alike)")
     max_importance: float = Field(0.3, ge=0, le=2, description="auto: a layer whose importance (1 - block cosine) "
                                   "for a task exceeds this stays dense for that task")
-    table: dict[Literal["und", "gen"], list[float]] | None = Field(
+    table: dict[str, list[float]] | None = Field(
         None, description="schedule=table: per task, one capacity in (0, 1] per layer (missing task: dense)")
-    und_keep_last: int = Field(4, ge=0, le=10_000, description="never skip the last N tokens of an understanding "
-                               "sample (the question's last word and the answer)")
-    causal_und: bool = Field(True, description="at inference, understanding tokens are routed per token by an "
-                             "auxiliary predictor (causal), not by top-k over the sequence")
+    keep_last: dict[str, int] | None = Field(
+        None, description="per task, never skip the last N tokens of a sample (null: the family's default; digits: "
+        "und 4, the question's last word and the answer)")
+    causal_tasks: list[str] | None = Field(
+        None, description="tasks routed per token by an auxiliary predictor at inference (causal), not by top-k "
+        "over the sequence (null: the family's tasks that decode token by token)")
     aux_weight: float = Field(1.0, ge=0, le=100, description="weight of the predictor's BCE loss")
     steps: int = Field(300, ge=1, le=1_000_000, description="fine-tuning steps")
     lr: float = Field(3e-4, gt=0, le=1.0, description="peak learning rate of the model (AdamW, warmup, cosine)")
@@ -330,7 +392,7 @@ class ModConfig(_RayTrainSection):
         "(tiny logits, router weight ~1); zero: zero weights (weight exactly 1, ties broken arbitrarily)")
     warmup_steps: int = Field(20, ge=0, le=1_000_000, description="linear warmup steps")
     batch_size: int = Field(64, ge=2, le=65_536, description="global batch (split evenly across workers)")
-    und_fraction: float = Field(0.5, gt=0, lt=1, description="share of each batch that is understanding samples")
+    mix: dict[str, float] | None = Field(None, description="share of each batch per task (null: data.tasks weights)")
     zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage")
     checkpoint_every: int = Field(100, ge=1, le=1_000_000, description="report a resumable checkpoint every N steps")
     log_every: int = Field(25, ge=1, le=1_000_000, description="log training metrics every N steps")
@@ -420,8 +482,10 @@ def _space_problems(key: str, spec: SpaceSpec) -> list[str]:
 
 
 class SearchObjective(_Section):
-    quality: Literal["mean", "mme", "geneval"] = Field(
-        "mean", description="mean of digits-MME and digits-GenEval overall, or one of them")
+    quality: Literal["auto", "mean", "mme", "geneval", "agreement", "nll"] = Field(
+        "auto", description="mean of digits-MME and digits-GenEval overall, or one of them (digits family); held-out "
+        "agreement with the source (mean over tasks); minus the mean held-out NLL; auto: mean for digits, else "
+        "agreement")
     cost: Literal["active_params", "latency"] = Field(
         "active_params", description="active parameters per generation token, or measured latency "
         "(und + gen milliseconds per sample)")
@@ -476,6 +540,8 @@ class PipelineConfig(_Section):
     experiment: str = Field("unislim", min_length=1, max_length=200, description="MLflow experiment")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="global seed")
     model: ModelConfig = Field(default_factory=ModelConfig, description="what to compress")
+    data: DataConfig = Field(default_factory=DataConfig, description="training and held-out data")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="what MLflow receives")
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig, description="reference model training")
     shard: ShardConfig = Field(default_factory=ShardConfig, description="calibration data")
     score: ScoreConfig = Field(default_factory=ScoreConfig, description="importance scoring")
@@ -516,7 +582,34 @@ class PipelineConfig(_Section):
         kinds = sorted({t.kind for t in self.shard.tasks})
         _rule(not (self.shard.enabled and self.model.source == "reference" and "text" in kinds), "shard.tasks",
               "the reference model runs 'und' and 'gen' tasks, not 'text'")
+        trains = [s for s in ("pretrain", "adapt", "mod", "search") if getattr(self, s).enabled]
+        _rule(not (trains and not self.shard.enabled), "shard.enabled",
+              f"{trains} read their training data from the shard stage's train/ shards: set shard.enabled=true")
+        data = [t.name for t in self.training_tasks()]
+        for section in ("pretrain", "adapt", "mod"):
+            mix = getattr(self, section).mix
+            if mix is not None:
+                _rule(set(mix) <= set(data) and bool(mix) and all(v > 0 for v in mix.values()), f"{section}.mix",
+                      f"must give positive shares of the training tasks {data} (got {mix})")
+        for section, keys in (("mod.table", (self.mod.table or {})), ("mod.keep_last", (self.mod.keep_last or {})),
+                              ("mod.causal_tasks", (self.mod.causal_tasks or []))):
+            unknown = sorted(set(keys) - set(data))
+            _rule(not (self.mod.enabled and unknown), section, f"names tasks {unknown} that are not training tasks "
+                  f"{data}")
         return self
+
+    def training_tasks(self) -> list[DataTask]:
+        """data.tasks, or the calibration tasks of shard.tasks with equal weights."""
+        if self.data.tasks is not None:
+            return list(self.data.tasks)
+        return [DataTask(**t.model_dump()) for t in self.shard.tasks]
+
+    def mix(self, section: str | None = None) -> dict[str, float]:
+        """Task → share of each training batch for `section` (its `mix`, else data weights), summing to 1."""
+        weights = getattr(getattr(self, section), "mix", None) if section else None
+        weights = weights or {t.name: t.weight for t in self.training_tasks()}
+        total = sum(weights.values())
+        return {k: v / total for k, v in weights.items()}
 
     @model_validator(mode="after")
     def _accelerate_inputs(self) -> PipelineConfig:

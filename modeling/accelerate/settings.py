@@ -22,6 +22,7 @@ class TaskPruning:
     keep_und: float
     keep_gen: float
     full_last_steps: int
+    keep_text: float = 0.5  # a causal LM's one task
 
 
 @dataclass(frozen=True)

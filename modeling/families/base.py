@@ -71,6 +71,10 @@ class Family:
 
     name: ClassVar[str] = ""
     kinds: ClassVar[dict[str, TaskKind]] = {}
+    default_task: ClassVar[str | None] = None  # the task surgery assumes when no task scope is set
+    primary_task: ClassVar[str | None] = None  # whose active parameters `params/active` reports
+    causal_kinds: ClassVar[tuple[str, ...]] = ()  # kinds decoded token by token (MoD routes them causally)
+    mod_keep_last: ClassVar[dict[str, int]] = {}  # kind -> last N tokens of a sample MoD never skips
 
     def __init__(self, adapter: dict[str, Any] | None = None, trust_remote_code: bool = False):
         self.adapter_override = adapter  # model.adapter from pipeline.yaml (None: the built-in table)
@@ -100,6 +104,12 @@ class Family:
 
         return adapter_for(model, self.adapter_override)
 
+    def stamp(self, model: nn.Module, adapter) -> None:
+        """Record this family and `adapter` in the model's config before surgery is recorded."""
+        from unislim.modeling.surgery.record import stamp
+
+        stamp(model, family=self.name, adapter=adapter, default_task=self.default_task)
+
     def describe(self, model: nn.Module) -> str:
         """A short name for what was loaded (e.g. `qwen2-4L-d64`)."""
         config = model.config
@@ -122,6 +132,10 @@ class Family:
         if kind not in self.kinds:
             raise DataError(f"{where}: the {self.name} family runs task kinds {sorted(self.kinds)}, not {kind!r}")
         return self.kinds[kind]
+
+    def tokens_per_sample(self, kind: str, model_config=None) -> float:
+        """Mean tokens of one sample of `kind` (weights a MoD schedule's token budget across tasks)."""
+        return 1.0
 
     # ------------------------------------------------------------ calibration (score)
     def calibrate(self, model: nn.Module, kind: str, batch: Rows, recorder, **options) -> int:

@@ -32,7 +32,9 @@ class Scope:
 
 
 def scope_of(model: nn.Module) -> Scope:
-    """The model's scope object, created on first use."""
+    """The model's scope object, created on first use (through a DDP / DeepSpeed wrapper's `.module`)."""
+    while list(model._modules) == ["module"]:  # DistributedDataParallel, DeepSpeedEngine
+        model = model.module
     scope = model.__dict__.get(ATTR)
     if scope is None:
         scope = Scope()

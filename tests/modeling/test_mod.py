@@ -1,6 +1,8 @@
-"""Mixture-of-Depths layers on the tiny reference model: capacity 1.0 is the dense model, capacity c
-runs exactly ceil(c·T) tokens through the layer, FLOPs match the analytic count, routers are per
-task, causal text routing at inference does not look ahead, and the schedule meets its budget."""
+"""Mixture-of-Depths routers around any Llama-style decoder layer (`modeling/surgery/mod`), on the
+tiny reference model and a tiny Qwen2: capacity 1.0 is the dense model, capacity c runs exactly
+ceil(c·T) tokens through the layer, FLOPs match the analytic count, routers are per task, causal
+routing at inference does not look ahead, checkpoints reload with identical outputs, and the
+schedule meets its budget."""
 
 from __future__ import annotations
 
@@ -9,12 +11,20 @@ import math
 import pytest
 import torch
 
-from unislim.modeling.loading import load_model
-from unislim.modeling.families.digits import UniDigitsModModel, fit_routers
-from unislim.modeling.surgery.mod import capacity_tokens, layer_flops
-from unislim.modeling.surgery.mod.schedule import auto_schedule, mean_capacity
+import copy
+from contextlib import contextmanager
+
+from transformers import AutoModelForCausalLM, Qwen2Config
+
+from unislim.modeling.families import get_family
 from unislim.modeling.families.digits import UniDigitsModel, make_batch, reference_config
-from unislim.modeling.families.digits.evaluate import count_flops
+from unislim.modeling.flops import count_flops
+from unislim.modeling.loading import load_model
+from unislim.modeling.surgery.mod import capacity_tokens, layer_flops
+from unislim.modeling.surgery.mod.fit import fit_routers
+from unislim.modeling.surgery.mod.layer import RoutingRecord, add_mod, route_state, router_parameters
+from unislim.modeling.surgery.mod.schedule import auto_schedule, mean_capacity
+from unislim.modeling.surgery.scope import task_scope
 
 T_UND, T_GEN = 42, 40  # 32 image + 7 question + 3 answer; 8 prompt + 32 image
 
@@ -28,10 +38,32 @@ def _batch(n: int = 8, seed: int = 1) -> dict:
     return make_batch(n, torch.Generator().manual_seed(seed))
 
 
-def _randomize_routers(model: UniDigitsModModel, seed: int = 0) -> None:
+def from_dense(dense, mod_capacity: dict[str, list[float]], mod_routing: str = "task",
+               mod_causal_tasks=("und",), mod_keep_last=None, family: str = "digits"):
+    """A copy of `dense` with routers: per task, one capacity per layer."""
+    model = copy.deepcopy(dense)
+    fam = get_family(family)
+    adapter = fam.adapter(model)
+    fam.stamp(model, adapter)
+    add_mod(model, adapter, {t: dict(enumerate(caps)) for t, caps in mod_capacity.items()}, routing_mode=mod_routing,
+            causal_tasks=tuple(mod_causal_tasks), keep_last=mod_keep_last or {})
+    return model
+
+
+@contextmanager
+def record_routing(model):
+    state = route_state(model)
+    state.record = RoutingRecord()
+    try:
+        yield state.record
+    finally:
+        state.record = None
+
+
+def _randomize_routers(model, seed: int = 0) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in model.router_parameters():
+        for p in router_parameters(model):
             p.copy_(torch.randn(p.shape, generator=g))
 
 
@@ -42,7 +74,7 @@ def test_capacity_one_is_the_dense_model(variant):
     # all 1.0: no routers at all; 0.999: ceil(0.999·T) = T tokens through gather → layer → scatter.
     # Top-k routing in both modes (no causal task: the untrained predictor would skip tokens).
     for caps in ([1.0, 1.0], [0.999, 0.999]):
-        mod = UniDigitsModModel.from_dense(dense, mod_capacity={"und": caps, "gen": caps}, mod_causal_tasks=[])
+        mod = from_dense(dense, mod_capacity={"und": caps, "gen": caps}, mod_causal_tasks=[])
         for training in (True, False):
             mod.train(training)
             with torch.no_grad():
@@ -54,12 +86,12 @@ def test_capacity_one_is_the_dense_model(variant):
             prompts = batch["gen_prompt_ids"]
             torch.testing.assert_close(mod.generate_images(prompts, steps=3, generator=g2),
                                        dense.generate_images(prompts, steps=3, generator=g1), atol=1e-5, rtol=0)
-    assert len(mod.router_parameters()) > 0
+    assert len(router_parameters(mod)) > 0
 
 
 @pytest.mark.parametrize("capacity", [0.1, 0.3, 0.5, 0.7, 0.95])
 def test_layer_processes_exactly_ceil_c_t_tokens(capacity):
-    mod = UniDigitsModModel.from_dense(_dense("mot"), mod_capacity={"und": [1.0, capacity], "gen": [capacity, 1.0]})
+    mod = from_dense(_dense("mot"), mod_capacity={"und": [1.0, capacity], "gen": [capacity, 1.0]})
     _randomize_routers(mod)
     seen = {0: [], 1: []}
     hooks = [mod.model.layers[i].self_attn.register_forward_pre_hook(lambda m, a, i=i: seen[i].append(a[0].shape))
@@ -76,12 +108,12 @@ def test_layer_processes_exactly_ceil_c_t_tokens(capacity):
 
 
 def test_unselected_tokens_pass_unchanged_and_forced_tokens_are_kept():
-    mod = UniDigitsModModel.from_dense(_dense("shared"), mod_capacity={"und": [0.3, 1.0], "gen": [1.0, 1.0]},
+    mod = from_dense(_dense("shared"), mod_capacity={"und": [0.3, 1.0], "gen": [1.0, 1.0]},
                                        mod_keep_last={"und": 4}).train()
     _randomize_routers(mod)
     io = {}
     mod.model.layers[0].register_forward_hook(lambda m, a, o: io.update(x=a[0], y=o))
-    with mod.record_routing() as record:
+    with record_routing(mod) as record:
         mod.und_logits(*(_batch(8)[k] for k in ("und_images", "und_input_ids")))
     kept = record.keep[("und", 0, T_UND)]  # (T,) how many of the 4 samples processed each position
     changed = (io["y"] - io["x"]).abs().amax(-1) > 0  # (B, T)
@@ -94,7 +126,7 @@ def test_flop_counter_matches_analytic_count():
     dense = _dense("shared")
     c = dense.config
     und_caps, gen_caps = [0.5, 1.0], [0.3, 0.8]
-    mod = UniDigitsModModel.from_dense(dense, mod_capacity={"und": und_caps, "gen": gen_caps}).train()
+    mod = from_dense(dense, mod_capacity={"und": und_caps, "gen": gen_caps}).train()
     _randomize_routers(mod)
     batch = _batch(8)  # 4 und + 4 gen samples
     shape = dict(d=c.hidden_size, q_out=c.num_attention_heads * c.head_dim, kv_out=c.num_key_value_heads * c.head_dim,
@@ -105,17 +137,31 @@ def test_flop_counter_matches_analytic_count():
             routed = cap < 1.0
             expected += layer_flops(B=4, T=T, n=capacity_tokens(cap, T), router=routed, predictor=routed and causal,
                                     **shape)
-    with count_flops(mod.model.layers) as counted:
-        mod(**batch)
-    assert counted["flops"] == expected
-    with count_flops(dense.model.layers) as dense_counted:
-        dense(**batch)
+    def layers_flops(model):  # the decoder layers only (not embeddings, heads)
+        return count_flops(lambda: model(**batch)) - count_flops(lambda: _skip_layers(model, batch))
+
+    counted = layers_flops(mod)
+    assert counted == expected
     dense_expected = sum(layer_flops(B=4, T=T, n=T, router=False, **shape) for T in (T_UND, T_GEN)) * 2
-    assert dense_counted["flops"] == dense_expected > counted["flops"]
+    assert layers_flops(dense) == dense_expected > counted
+
+
+def _skip_layers(model, batch):
+    """The same forward with every decoder layer replaced by the identity (what surrounds the layers)."""
+    class Passthrough(torch.nn.Module):
+        def forward(self, hidden_states, **kwargs):
+            return hidden_states
+
+    saved = model.model.layers
+    model.model.layers = torch.nn.ModuleList(Passthrough() for _ in saved)
+    try:
+        model(**batch)
+    finally:
+        model.model.layers = saved
 
 
 def test_routers_are_per_task_and_learn_only_from_their_task():
-    mod = UniDigitsModModel.from_dense(_dense("mot"), mod_capacity={"und": [0.5, 0.5], "gen": [0.5, 0.5]}).train()
+    mod = from_dense(_dense("mot"), mod_capacity={"und": [0.5, 0.5], "gen": [0.5, 0.5]}).train()
     _randomize_routers(mod)
     layer = mod.model.layers[1]
     und_w, gen_w = layer.mod_routers["und"].weight, layer.mod_routers["gen"].weight
@@ -133,15 +179,15 @@ def test_routers_are_per_task_and_learn_only_from_their_task():
             assert own is not None and own.abs().sum() > 0, (task, i)
             assert other is None, (task, i)
 
-    shared = UniDigitsModModel.from_dense(_dense("mot"), mod_routing="shared",
-                                          mod_capacity={"und": [0.5, 0.5], "gen": [0.5, 0.5]}).train()
+    shared = from_dense(_dense("mot"), mod_routing="shared",
+                        mod_capacity={"und": [0.5, 0.5], "gen": [0.5, 0.5]}).train()
     assert list(shared.model.layers[0].mod_routers) == ["shared"]
 
 
 def test_causal_routing_at_inference_does_not_look_ahead():
     """In eval mode the understanding routing is the predictor's per-token decision: the logits of
     a prefix are the same whether or not later tokens follow (top-k over T would change them)."""
-    mod = UniDigitsModModel.from_dense(_dense("shared"), mod_capacity={"und": [0.4, 0.4], "gen": [1.0, 1.0]},
+    mod = from_dense(_dense("shared"), mod_capacity={"und": [0.4, 0.4], "gen": [1.0, 1.0]},
                                        mod_keep_last={"und": 1})
     _randomize_routers(mod)
     with torch.no_grad():
@@ -155,19 +201,20 @@ def test_causal_routing_at_inference_does_not_look_ahead():
         prefix = mod.und_logits(images, ids[:, :-2])
     # the prefix's last position is forced (keep_last=1) in the short run but not in the full one
     torch.testing.assert_close(prefix[:, :-1], full[:, : ids.shape[1] - 3], atol=1e-5, rtol=0)
-    with mod.record_routing() as record, torch.no_grad():
+    with record_routing(mod) as record, torch.no_grad():
         mod.und_logits(images, ids)
     frac = record.keep_fraction()["und/layer0"]
     assert 0.05 < frac < 0.95  # the predictor really skipped tokens
 
 
 def test_checkpoint_round_trip(tmp_path):
-    mod = UniDigitsModModel.from_dense(_dense("mot"), mod_capacity={"und": [0.5, 1.0], "gen": [0.4, 0.6]},
+    mod = from_dense(_dense("mot"), mod_capacity={"und": [0.5, 1.0], "gen": [0.4, 0.6]},
                                        mod_routing="task")
     _randomize_routers(mod)
     mod.save_pretrained(tmp_path)
     again = load_model(tmp_path)
-    assert type(again) is UniDigitsModModel and again.config.mod_capacity == mod.config.mod_capacity
+    assert again.config.unislim["surgery"] == mod.config.unislim["surgery"]
+    assert set(router_parameters(again)) and len(router_parameters(again)) == len(router_parameters(mod))
     batch = _batch(6)
     with torch.no_grad():
         assert torch.equal(again(**batch).velocity, mod.eval()(**batch).velocity)
@@ -175,8 +222,8 @@ def test_checkpoint_round_trip(tmp_path):
 
 def test_fitted_routers_pick_the_tokens_a_layer_changes_most_at_weight_near_one():
     dense = _dense("shared")
-    mod = UniDigitsModModel.from_dense(dense, mod_capacity={"und": [0.5, 0.5], "gen": [0.5, 0.5]})
-    r2 = fit_routers(mod, [_batch(32, seed=s) for s in (2, 3)], logit_std=0.05)
+    mod = from_dense(dense, mod_capacity={"und": [0.5, 0.5], "gen": [0.5, 0.5]})
+    r2 = fit_routers(mod, lambda: [mod(**_batch(32, seed=s)) for s in (2, 3)], logit_std=0.05)
     assert set(r2) == {"layer0/und", "layer0/gen", "layer1/und", "layer1/gen"} and all(v > 0 for v in r2.values())
     batch = _batch(32, seed=4)
     io = {}
@@ -208,3 +255,37 @@ def test_auto_schedule_meets_budget_and_follows_importance():
     assert mean_capacity(flat, weights) == pytest.approx(0.8, abs=1e-3)
     with pytest.raises(ValueError, match="budget"):
         auto_schedule(importance, budget=0.3, weights=weights, min_capacity=0.5)
+
+
+# ------------------------------------------------------------------ a stock causal LM
+
+
+def _qwen2():
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                                        num_hidden_layers=3, num_attention_heads=4,
+                                                        num_key_value_heads=2)).eval()
+
+
+def test_causal_lm_routing_gathers_positions_and_masks_and_reloads(tmp_path):
+    dense = _qwen2()
+    ids = torch.randint(0, 64, (3, 12), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[0, 9:] = False  # right padding in one row
+    same = from_dense(dense, {"text": [1.0, 0.999, 1.0]}, mod_causal_tasks=(), family="causal_lm")
+    with torch.no_grad(), task_scope(same, "text", token_mask=mask):
+        torch.testing.assert_close(same(ids, attention_mask=mask.long()).logits,
+                                   dense(ids, attention_mask=mask.long()).logits, atol=1e-5, rtol=0)
+    routed = from_dense(dense, {"text": [1.0, 0.5, 1.0]}, mod_causal_tasks=(), family="causal_lm").train()
+    _randomize_routers(routed)
+    seen = []
+    routed.model.layers[1].self_attn.register_forward_pre_hook(lambda m, a, k: seen.append(k["hidden_states"].shape),
+                                                               with_kwargs=True)
+    with torch.no_grad():
+        out = routed(ids, use_cache=False).logits  # no scope set: the recorded default task (text) routes
+    assert seen == [(3, capacity_tokens(0.5, 12), 32)]
+    routed.save_pretrained(tmp_path)
+    again = load_model(tmp_path).train()
+    with torch.no_grad():
+        assert torch.equal(again(ids, use_cache=False).logits, out)
+        assert torch.equal(again(ids).logits, dense.train()(ids).logits)  # with a KV cache: dense

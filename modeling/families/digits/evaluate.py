@@ -6,11 +6,9 @@ the same arguments see exactly the same questions, prompts and starting noise.
 
 from __future__ import annotations
 
-import inspect
 import json
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -31,47 +29,10 @@ from .scenes import (
 from .vocab import TOKENIZER
 
 
-@contextmanager
-def count_flops(model: nn.Module):
-    """Counts 2*MACs of every nn.Linear call and of attention (QK^T and AV) while active.
-
-    Hooks on module *calls* (not a formula over the config), so pruned widths, skipped layers
-    and tokens routed past a module are counted as they actually run. Attention modules are
-    recognised by their `q_proj`/`o_proj` children; their cost is 4 * B * T^2 * (heads * head_dim).
-    A module whose work is not nn.Linear calls (a MoE MLP's stacked experts) says what its last call
-    cost in an `extra_flops` attribute, which is added after each call.
-    """
-    total = {"flops": 0}
-
-    def linear_hook(mod: nn.Linear, inp, out):
-        total["flops"] += 2 * (inp[0].numel() // mod.in_features) * mod.in_features * mod.out_features
-
-    def attention_hook(mod, inp, out):
-        B, T = inp[0].shape[:2]  # hidden (B, T, d)
-        total["flops"] += 4 * B * T * T * mod.q_proj.out_features
-
-    def extra_hook(mod, inp, out):
-        total["flops"] += mod.extra_flops
-
-    handles = []
-    try:
-        for mod in model.modules():
-            if isinstance(mod, nn.Linear):
-                handles.append(mod.register_forward_hook(linear_hook))
-            elif hasattr(mod, "q_proj") and hasattr(mod, "o_proj"):
-                handles.append(mod.register_forward_hook(attention_hook))
-            elif hasattr(mod, "extra_flops"):
-                handles.append(mod.register_forward_hook(extra_hook))
-        yield total
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def _flops_of(model: nn.Module, fn: Callable[[], object]) -> int:
-    with count_flops(model) as total:
-        fn()
-    return total["flops"]
+    from unislim.modeling.flops import count_flops
+
+    return count_flops(fn)
 
 
 def _timed(fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float]:
@@ -90,6 +51,7 @@ def evaluate_reference(
     cfg_scale: float | None = None,
     seed: int = 0,
     out_dir: str | Path | None = None,
+    active: Callable[[str], int] | None = None,
 ) -> dict:
     """Evaluates understanding on n_und held-out samples per question type and generation on
     n_gen prompts per GenEval category; returns the flat metrics dict (MLflow metric names).
@@ -98,7 +60,9 @@ def evaluate_reference(
     the prompt. `fid/gen`: Fréchet distance between the generated scenes and real held-out scenes
     drawn for the same prompts, each paired with its prompt (`DigitJudge.fid_features`).
     `flops/*`: one und sample incl. its greedy decode, one gen sample incl. all steps and both
-    CFG passes. `latency_ms/*`: the batched run's wall clock divided by its samples.
+    CFG passes (`modeling.flops`: every matmul as it runs). `params/active_<task>`: parameters a
+    token of the task passes through (`active(task)`, default the model's `num_active_parameters`);
+    `params/active` is the generation task's. `latency_ms/*`: the batched run's wall clock divided by its samples.
     """
     was_training = model.training
     model.eval()
@@ -136,10 +100,9 @@ def evaluate_reference(
 
     # ---- cost
     metrics["params/total"] = float(sum(p.numel() for p in model.parameters()))
-    active = getattr(model, "num_active_parameters", None)
-    metrics["params/active"] = float(active() if active is not None else metrics["params/total"])
-    if active is not None and "task" in inspect.signature(active).parameters:  # per task, where they differ
-        metrics["params/active_und"], metrics["params/active_gen"] = (float(active(task=t)) for t in ("und", "gen"))
+    active = active or getattr(model, "num_active_parameters")
+    metrics["params/active_und"], metrics["params/active_gen"] = (float(active(t)) for t in ("und", "gen"))
+    metrics["params/active"] = metrics["params/active_gen"]  # the primary task (what MoE and pruning of gen cut)
     metrics["flops/und_per_sample"] = float(
         _flops_of(model, lambda: model.answer(images[:1], question_ids[:1], max_new_tokens=ANSWER_LEN))
     )

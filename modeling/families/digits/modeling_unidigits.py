@@ -31,6 +31,8 @@ from transformers.models.qwen2.modeling_qwen2 import (
     apply_rotary_pos_emb,
 )
 
+from unislim.modeling.surgery.scope import task_scope
+
 from .configuration_unidigits import UniDigitsConfig
 
 GEN_SUFFIX = "_moe_gen"
@@ -122,10 +124,14 @@ class UniDigitsDecoderLayer(nn.Module):
     def _gen(self, name: str) -> nn.Module | None:
         return getattr(self, name + GEN_SUFFIX, None)
 
-    def forward(self, hidden, cos_sin, mask, gen_mask):  # hidden (B, T, d)
+    def forward(self, hidden_states, attention_mask=None, position_embeddings=None, gen_mask=None, **kwargs):
+        """Called Llama-style (keywords), so generic layer surgery (MoD routing) can gather every
+        per-token argument. hidden_states (B, T, d); attention_mask (B, 1, T, T) bool, True = may
+        attend; position_embeddings (cos, sin) each (B, T, hd); gen_mask (B, T) bool or None."""
+        hidden = hidden_states
         if hasattr(self, "self_attn"):
             h = _route(self.input_layernorm, self._gen("input_layernorm"), hidden, gen_mask)
-            hidden = hidden + self.self_attn(h, cos_sin, mask, gen_mask)
+            hidden = hidden + self.self_attn(h, position_embeddings, attention_mask, gen_mask)
         if hasattr(self, "mlp"):
             h = _route(self.post_attention_layernorm, self._gen("post_attention_layernorm"), hidden, gen_mask)
             hidden = hidden + _route(self.mlp, self._gen("mlp"), h, gen_mask)
@@ -170,7 +176,7 @@ class UniDigitsBackbone(nn.Module):
         hidden = embeds
         for i, layer in enumerate(self.layers):
             if i not in skip_layers:
-                hidden = layer(hidden, cos_sin, allowed[:, None], gen_mask)
+                hidden = layer(hidden, attention_mask=allowed[:, None], position_embeddings=cos_sin, gen_mask=gen_mask)
             keep = token_filter(i, hidden) if token_filter is not None else None
             if keep is not None:
                 hidden, allowed, gen_mask, cos_sin = _keep_tokens(keep, hidden, allowed, gen_mask, cos_sin)
@@ -274,7 +280,8 @@ class UniDigitsModel(PreTrainedModel):
                               input_ids != self.config.pad_token_id], dim=1)  # fmt: skip
         is_image = torch.arange(embeds.shape[1], device=embeds.device) < n_img  # (T,)
         skip = set(skip_layers) | set(self.config.skip_layers_und)
-        hidden = self.model(embeds, key_mask, is_image, gen_mask=None, skip_layers=skip, token_filter=token_filter)
+        with task_scope(self, "und", token_mask=key_mask):
+            hidden = self.model(embeds, key_mask, is_image, gen_mask=None, skip_layers=skip, token_filter=token_filter)
         return self.lm_head(hidden[:, -input_ids.shape[1]:])
 
     def gen_velocity(
@@ -301,7 +308,8 @@ class UniDigitsModel(PreTrainedModel):
         is_image = torch.arange(P + n_img, device=embeds.device) >= P  # (T,)
         gen_mask = is_image[None].expand(len(prompt_ids), -1) if self.config.variant == "mot" else None
         skip = set(skip_layers) | set(self.config.skip_layers_gen)
-        hidden = self.model(embeds, key_mask, is_image, gen_mask=gen_mask, skip_layers=skip)
+        with task_scope(self, "gen", token_mask=key_mask):
+            hidden = self.model(embeds, key_mask, is_image, gen_mask=gen_mask, skip_layers=skip)
         return hidden[:, P:], t_emb
 
     def forward(
@@ -440,13 +448,9 @@ class UniDigitsModel(PreTrainedModel):
         return out
 
     def num_active_parameters(self, task: str = "und") -> int:
-        """Parameters one token of `task` passes through: in `mot` a token uses one of each twin pair,
-        the understanding copy for `und`, the `_moe_gen` copy for `gen` (an image token)."""
-        if task not in ("und", "gen"):
-            raise ValueError(f"task must be 'und' or 'gen', got {task!r}")
-        if self.config.variant != "mot":
-            return self.num_parameters()
-        gen_side = lambda n: GEN_SUFFIX in n  # noqa: E731
-        twin = lambda n: n.startswith(("model.layers.", "model.norm.")) and not gen_side(n)  # noqa: E731
-        drop = gen_side if task == "und" else twin
-        return sum(p.numel() for n, p in self.named_parameters() if not drop(n))
+        """Parameters one token of `task` passes through (`DigitsFamily.active_parameters`): in `mot`
+        one of each twin pair, the understanding copy for `und`, the `_moe_gen` copy for `gen`; with
+        MoE surgery, the experts a token of the task actually runs."""
+        from .family import DigitsFamily
+
+        return DigitsFamily().active_parameters(self, task)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from unislim.modeling.families.digits.scenes import (
+from .scenes import (
     ANSWER_LEN,
     GEN_CATEGORIES,
     QUESTION_TYPES,
@@ -19,9 +19,9 @@ from unislim.modeling.families.digits.scenes import (
     sample_prompt,
 )
 
-from .latency import interleaved_latency
-from .runtime import AcceleratedModel
-from .settings import Acceleration
+from unislim.modeling.accelerate.latency import interleaved_latency
+from .accelerate_runtime import AcceleratedModel
+from unislim.modeling.accelerate.settings import Acceleration
 
 
 def variants(model: nn.Module, acceleration: Acceleration, scores: dict[str, dict[str, torch.Tensor]] | None,

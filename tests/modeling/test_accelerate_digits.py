@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from unislim.modeling.accelerate import (
-    AcceleratedModel,
     Acceleration,
     CfgSchedule,
     HeadCache,
@@ -18,6 +17,7 @@ from unislim.modeling.accelerate import (
     TaskPruning,
     TokenPruning,
 )
+from unislim.modeling.families.digits.accelerate_runtime import AcceleratedModel
 from unislim.modeling.accelerate._math import cfg_scale_at, most_redundant, vnorm_keep
 from unislim.modeling.adapters import adapter_for
 from unislim.modeling.families.digits import UniDigitsConfig, UniDigitsModel
@@ -259,7 +259,7 @@ def test_vnorm_token_pruning_keeps_the_largest_value_norms(variant):
 
 
 def test_everything_on_costs_less_and_claims_match_counts():
-    from unislim.modeling.families.digits.evaluate import count_flops
+    from unislim.modeling.flops import count_flops
 
     model, data = _model("mot"), _data()
     acc = Acceleration(TaskPruning(0.5, 0.5, 2), LayerSkip(4, 1), CfgSchedule(((0.0, 3.0), (0.5, 1.0))),
@@ -267,11 +267,9 @@ def test_everything_on_costs_less_and_claims_match_counts():
     am = AcceleratedModel(model, acc, _scores(model))
     flops = {}
     for name, m in (("base", model), ("fast", am)):
-        with count_flops(m) as und:
-            m.answer(data[0], data[1], max_new_tokens=ANSWER_LEN)
-        with count_flops(m) as gen:
-            m.generate_images(data[2], steps=STEPS, generator=torch.Generator().manual_seed(0))
-        flops[name] = (und["flops"], gen["flops"])
+        und = count_flops(lambda: m.answer(data[0], data[1], max_new_tokens=ANSWER_LEN))
+        gen = count_flops(lambda: m.generate_images(data[2], steps=STEPS, generator=torch.Generator().manual_seed(0)))
+        flops[name] = (und, gen)
     assert flops["fast"][0] < 0.75 * flops["base"][0] and flops["fast"][1] < 0.5 * flops["base"][1]
     am.work.clear()
     with _Count(am) as c:

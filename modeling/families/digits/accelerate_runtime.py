@@ -26,9 +26,9 @@ from torch import nn
 from unislim.modeling.adapters import adapter_for
 from unislim.modeling.hooks import HookSet
 
-from ._math import cfg_scale_at, layers_left, mean_cosine, most_redundant, vnorm_keep
-from ._pruning import ModuleSwap, param_count, sliced_mlps
-from .settings import Acceleration
+from unislim.modeling.accelerate._math import cfg_scale_at, layers_left, mean_cosine, most_redundant, vnorm_keep
+from unislim.modeling.accelerate._pruning import ModuleSwap, param_count, sliced_mlps
+from unislim.modeling.accelerate.settings import Acceleration
 
 
 class AcceleratedModel(nn.Module):
@@ -132,7 +132,7 @@ class _VNormFilter:
         self.layer = layer
         self.dropped = 0  # image tokens removed, summed over forwards and samples
         self.v: torch.Tensor | None = None
-        v_proj = f"{adapter.layers}.{layer}.{adapter.attention}.{adapter.attn_proj[2]}"
+        v_proj = f"{adapter.layers}.{layer}.{adapter.attention}.{adapter.attn_proj['v']}"
         hooks.post(v_proj, lambda n, m, a, k, out: setattr(self, "v", out))
 
     def __call__(self, i: int, hidden: torch.Tensor) -> torch.Tensor | None:  # hidden (B, T, d)
