@@ -212,3 +212,35 @@ def test_help_lists_the_new_flags(capsys):
                            ("validate", ("--offline", "--debug"))):
         r = cli(capsys, command, "--help")
         assert r.rc == 0 and all(f in r.out for f in flags), r.out
+
+
+def test_a_server_that_answers_passes_the_mlflow_check():
+    """The check is bounded, not strict: any HTTP answer (even 401 from an auth proxy) is a server."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from unislim.pipelines.tracking import check_server
+
+    class Unauthorized(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the http.server API
+            self.send_response(401)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Unauthorized)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        check_server(f"http://127.0.0.1:{server.server_address[1]}", 2)
+    finally:
+        server.shutdown()
+
+
+@pytest.mark.slow
+def test_a_live_cluster_still_joins_after_the_probe(ray_cluster, tiny, tmp_path):
+    port = ray_cluster.rsplit(":", 1)[1]  # the GCS listens on every interface: reach it on loopback
+    runs = tmp_path / "runs"
+    r = cli_process("run", tiny, "--only", "shard", "--runs-dir", runs, "--address", f"127.0.0.1:{port}",
+                    "--connect-timeout", TIMEOUT, timeout=300)
+    assert r.rc == 0, r.out[-2000:] + r.err[-2000:]
+    assert "pipeline ok" in r.out
