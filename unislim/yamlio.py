@@ -95,8 +95,8 @@ def _check_expansion(root: Node | None, anchors: dict[str, Node]) -> None:
             biggest = max((n for n in anchors.values() if id(n) in sizes), key=lambda n: sizes[id(n)], default=None)
             where = (f"; anchor &{names[id(biggest)]} at line {biggest.start_mark.line + 1} alone expands to "
                      f"{sizes[id(biggest)]:,}") if biggest is not None else ""
-            raise AliasExpansionError(None, None, f"aliases expand the document by more than {MAX_VALUES:,} values{where} "
-                                      "(is it a 'billion laughs' file?)", (biggest or node).start_mark)
+            raise AliasExpansionError(None, None, f"aliases expand the document by more than {MAX_VALUES:,} "
+                                      f"values{where} (is it a 'billion laughs' file?)", (biggest or node).start_mark)
 
 
 def _children(node: Node) -> list[Node]:
@@ -109,7 +109,7 @@ def _children(node: Node) -> list[Node]:
 
 def load(text: str) -> Any:
     """Parse one YAML document with `Loader` (raises `yaml.YAMLError`)."""
-    return yaml.load(text, Loader=Loader)  # noqa: S506 - Loader is a SafeLoader
+    return yaml.load(text, Loader=Loader)  # a SafeLoader subclass
 
 
 def describe(e: yaml.YAMLError) -> str:

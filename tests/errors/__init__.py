@@ -44,7 +44,7 @@ def cli_process(*argv: str, timeout: float = 120, cwd: Path | None = None, env: 
     """`unislim ARGV` as a user runs it: a fresh interpreter, stdout and stderr as printed."""
     t0 = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "unislim.cli", *map(str, argv)], capture_output=True, text=True,
-                          timeout=timeout, cwd=cwd or REPO, env={**os.environ, **(env or {})})
+                          check=False, timeout=timeout, cwd=cwd or REPO, env={**os.environ, **(env or {})})
     return Result(proc.returncode, proc.stdout, proc.stderr, time.monotonic() - t0)
 
 

@@ -117,13 +117,14 @@ def test_header_whose_offsets_do_not_fit_the_shape(ckpt, capsys):
 
 def test_weights_whose_shapes_do_not_match_the_config(ckpt, capsys):
     _edit_config(ckpt, hidden_size=48)
-    line = _evaluate_refused(capsys, ckpt, str(ckpt), "do not match config.json's shapes", "weights [", "config builds [")
+    line = _evaluate_refused(capsys, ckpt, str(ckpt), "do not match config.json's shapes", "weights [",
+                             "config builds [")
     assert "48" in line
 
 
 def test_weights_of_another_model(ckpt, capsys):
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     (ckpt / "model.safetensors").unlink()
     save_file({"encoder.weight": torch.zeros(2, 2)}, str(ckpt / "model.safetensors"))

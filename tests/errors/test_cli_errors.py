@@ -221,7 +221,7 @@ def test_a_server_that_answers_passes_the_mlflow_check():
     from unislim.pipelines.tracking import check_server
 
     class Unauthorized(BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - the http.server API
+        def do_GET(self):
             self.send_response(401)
             self.end_headers()
 

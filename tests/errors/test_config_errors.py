@@ -127,7 +127,8 @@ def test_model_path_that_does_not_exist(tmp_path, capsys):
 
 def test_model_path_that_is_a_folder_without_config_json(tmp_path, capsys):
     (tmp_path / "ckpt").mkdir()
-    cfg = write(tmp_path / "p.yaml", f"model: {{source: path, path: {tmp_path / 'ckpt'}}}\npretrain: {{enabled: false}}\n")
+    cfg = write(tmp_path / "p.yaml",
+                f"model: {{source: path, path: {tmp_path / 'ckpt'}}}\npretrain: {{enabled: false}}\n")
     runs = tmp_path / "runs"
     refused(cli(capsys, "run", cfg, "--runs-dir", runs), "model.path", "no config.json", runs_dir=runs)
     assert not runs.exists()
