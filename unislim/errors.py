@@ -34,6 +34,9 @@ class UserError(Exception):
         self.problem = one_line(problem)
         super().__init__(f"{self.where}: {self.problem}")
 
+    def __reduce__(self):  # pickled across Ray processes: rebuild from the parts, not the joined text
+        return type(self), (self.where, self.problem)
+
 
 class ConfigError(UserError, ValueError):
     """A pipeline file (or its overrides) is invalid; `errors` holds one line per problem.
@@ -51,6 +54,9 @@ class ConfigError(UserError, ValueError):
         else:
             text = f"{self.source}: {len(self.errors)} errors\n" + "\n".join(f"  {e}" for e in self.errors)
         Exception.__init__(self, text)
+
+    def __reduce__(self):
+        return type(self), (self.source, self.errors)
 
 
 class DataError(UserError, ValueError):

@@ -107,9 +107,16 @@ def _children(node: Node) -> list[Node]:
     return []
 
 
+class NestingError(yaml.YAMLError):
+    pass
+
+
 def load(text: str) -> Any:
     """Parse one YAML document with `Loader` (raises `yaml.YAMLError`)."""
-    return yaml.load(text, Loader=Loader)  # a SafeLoader subclass
+    try:
+        return yaml.load(text, Loader=Loader)  # a SafeLoader subclass
+    except RecursionError:  # PyYAML composes and constructs recursively
+        raise NestingError("values nested too deeply (thousands of levels)") from None
 
 
 def describe(e: yaml.YAMLError) -> str:

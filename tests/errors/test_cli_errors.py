@@ -6,8 +6,11 @@ The hang cases run `unislim` as a subprocess against closed or silent loopback p
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -169,13 +172,32 @@ def test_ray_address_of_another_kind_of_server(tiny, tmp_path):
     refused(r, address, "not as a Ray cluster", "HTTP/1.1", runs_dir=runs)
 
 
-@pytest.mark.parametrize("address, problem", [
-    (f"http://127.0.0.1:{_closed_port()}", "job server address"), ("127.0.0.1", "expected HOST:PORT"),
-    ("127.0.0.1:70000", "expected HOST:PORT"), (f"ray://127.0.0.1:{_closed_port()}", "connection refused")])
-def test_ray_address_forms(tiny, tmp_path, address, problem):
-    r = cli_process("run", tiny, "--runs-dir", tmp_path / "runs", "--address", address, "--connect-timeout", TIMEOUT,
-                    timeout=TIMEOUT + SLACK)
-    refused(r, address, problem, runs_dir=tmp_path / "runs")
+_FORMS_SCRIPT = """
+import json, sys
+from unislim.errors import ClusterError
+from unislim.pipelines.runner import _connect_ray
+out = []
+for address in sys.argv[1:]:
+    try:
+        _connect_ray(address, timeout_s=%s)
+        out.append([address, 0, "connected"])
+    except ClusterError as e:
+        out.append([address, e.exit_code, str(e)])
+print(json.dumps(out))
+"""
+
+
+def test_ray_address_forms():
+    """Each form refused before `ray.init`, in one fresh interpreter (none of them may join anything)."""
+    forms = {f"http://127.0.0.1:{_closed_port()}": "is a dashboard / job server address",
+             "127.0.0.1": "expected HOST:PORT", "127.0.0.1:70000": "expected HOST:PORT", "nonsense": "expected HOST:PORT",
+             f"ray://127.0.0.1:{_closed_port()}": "connection refused"}
+    proc = subprocess.run([sys.executable, "-c", _FORMS_SCRIPT % TIMEOUT, *forms], capture_output=True, text=True,
+                          check=False, timeout=TIMEOUT + SLACK, cwd=REPO)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    for address, code, message in json.loads(proc.stdout.strip().splitlines()[-1]):
+        assert code == 2 and message.startswith(f"--address {address}: ") and forms[address] in message, message
+        assert "\n" not in message
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "1e9", "nan"])

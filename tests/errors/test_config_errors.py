@@ -6,6 +6,7 @@ starts) and asserts the contract in `tests.errors.refused`.
 
 from __future__ import annotations
 
+import pickle
 import time
 
 import pytest
@@ -104,6 +105,27 @@ def test_syntax_error_names_line_and_column_on_one_line(tmp_path, capsys):
     bad = write(tmp_path / "bad.yaml", "pretrain:\n  steps: [1, 2\nseed: 3\n")
     line = refused(cli(capsys, "validate", bad), str(bad), "not valid YAML", "line ")
     assert "^" not in line  # no source snippet with a caret
+
+
+@pytest.mark.parametrize("content, problem", [("pretrain: " + "[" * 5000 + "]" * 5000 + "\n", "nested too deeply"),
+                                              ("- model\n- pretrain\n", "<root>: must be a mapping of sections"),
+                                              ("a: 1\n---\nb: 2\n", "expected a single document")],
+                         ids=["deep", "list", "two-documents"])
+def test_other_unusable_yaml(tmp_path, capsys, content, problem):
+    bad = write(tmp_path / "bad.yaml", content)
+    refused(cli(capsys, "validate", bad), str(bad), problem)
+
+
+def test_config_error_is_one_class_for_old_and_new_imports():
+    from unislim import config, errors
+
+    assert config.ConfigError is errors.ConfigError and issubclass(errors.ConfigError, (ValueError, errors.UserError))
+    one = errors.ConfigError("p.yaml", ["seed: bad"])
+    assert str(one) == "p.yaml: seed: bad" and one.errors == ["seed: bad"] and one.exit_code == 2
+    for error in (one, errors.ConfigError("p.yaml", ["a: x", "b: y"]), errors.DataError("shard.tasks[t] row 3", "nan"),
+                  errors.CheckpointError("ckpt/model.safetensors", "truncated")):  # Ray pickles a task's error
+        again = pickle.loads(pickle.dumps(error))
+        assert type(again) is type(error) and str(again) == str(error)
 
 
 def test_missing_file(tmp_path, capsys):
