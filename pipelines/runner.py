@@ -267,8 +267,10 @@ def _connect_ray(address: str | None, timeout_s: float | None = None) -> bool:
     except (ConnectionError, TimeoutError, RuntimeError, ValueError) as e:
         if target is None or target == "local":
             raise  # starting a local cluster failed: not a problem of an address
+        token = " (with token auth: is RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH the cluster's token?)" \
+            if os.environ.get("RAY_AUTH_MODE", "").lower() == "token" else ""
         raise AddressError(where, f"cannot join the Ray cluster: {type(e).__name__}: "
-                           f"{' '.join(str(e).split())[:300]}") from e
+                           f"{' '.join(str(e).split())[:300]}{token}") from e
     return True
 
 
