@@ -208,11 +208,70 @@ def _short_error(e: BaseException) -> str:
     return f"{type(e).__name__}: {lines[0] if lines else ''}"[:300]
 
 
-def _connect_ray(address: str | None) -> bool:
-    """Join the given cluster (or RAY_ADDRESS), or start a local one; True if we started it."""
+def _connect_ray(address: str | None, timeout_s: float | None = None) -> bool:
+    """Join the given cluster (or RAY_ADDRESS), or start a local one; True if we started it.
+
+    `ray.init` gives an address with nothing behind it about 40 s per attempt, and retries, so
+    a given address is probed first, bounded by `timeout_s` (default: UNISLIM_CONNECT_TIMEOUT,
+    else 30 s): a TCP connect, then the HTTP/2 greeting every gRPC server (the GCS, the Ray
+    Client server) answers at once. A closed port, a silent one or a server of another kind
+    (the dashboard) is a `ClusterError` naming the address.
+    """
+    import os
+    import socket
+
+    from ray._private import services
+
+    from unislim.errors import ClusterError as AddressError
+
     if ray.is_initialized():
         return False
-    ray.init(address=address, log_to_driver=True)
+    if timeout_s is None:
+        timeout_s = float(os.environ.get("UNISLIM_CONNECT_TIMEOUT") or 30)
+    env = os.environ.get("RAY_ADDRESS") or None
+    given = env if env and address in (None, "auto") else address
+    where = f"RAY_ADDRESS {given}" if given == env and env else f"--address {given}"
+    if given is not None and given.lower().startswith(("http://", "https://")):
+        raise AddressError(where, "is a dashboard / job server address; `unislim run` joins a cluster by its GCS "
+                           "address (HOST:6379) or ray://HOST:10001. To use the job server, submit the run: "
+                           "`ray job submit --address ... -- unislim run ...` (see cluster/README.md)")
+    target = given
+    if given == "auto":  # the cluster `ray start` recorded on this machine, as ray.init finds it
+        try:
+            target = services.canonicalize_bootstrap_address(given)
+        except ConnectionError as e:
+            raise AddressError(where, f"no Ray cluster found ({' '.join(str(e).split())[:200]})") from None
+    if target is not None and target != "local":
+        host, sep, port = target.rpartition("://")[2].rpartition(":")
+        if not host or not sep or not port.isdigit() or not 0 < int(port) < 65536:
+            raise AddressError(where, "expected HOST:PORT (e.g. 127.0.0.1:6379), ray://HOST:PORT, auto or local")
+        deadline = time.monotonic() + timeout_s
+        greeting = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes.fromhex("000000040000000000")  # + empty SETTINGS
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s) as sock:
+                if os.environ.get("RAY_USE_TLS", "0").lower() in ("0", "false", ""):
+                    sock.settimeout(max(0.1, deadline - time.monotonic()))
+                    sock.sendall(greeting)
+                    answer = sock.recv(9)  # a frame header: length (3), type (1) = 0x04 SETTINGS, ...
+                    if len(answer) < 4 or answer[3] != 0x04:
+                        raise AddressError(where, f"answered, but not as a Ray cluster (gRPC): got {answer[:12]!r}; "
+                                           "the GCS listens on HOST:6379 by default, the dashboard on :8265")
+        except TimeoutError:
+            raise AddressError(where, f"no Ray cluster answered within {timeout_s:g} s (--connect-timeout)") from None
+        except ConnectionRefusedError:
+            raise AddressError(where, "connection refused: no Ray cluster listens there (start one with "
+                               "`ray start --head`, or leave --address out to start a local one)") from None
+        except OSError as e:
+            raise AddressError(where, f"cannot connect ({e.strerror or e})") from None
+    try:
+        ray.init(address=address, log_to_driver=True)
+    except (ConnectionError, TimeoutError, RuntimeError, ValueError) as e:
+        if target is None or target == "local":
+            raise  # starting a local cluster failed: not a problem of an address
+        token = " (with token auth: is RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH the cluster's token?)" \
+            if os.environ.get("RAY_AUTH_MODE", "").lower() == "token" else ""
+        raise AddressError(where, f"cannot join the Ray cluster: {type(e).__name__}: "
+                           f"{' '.join(str(e).split())[:300]}{token}") from e
     return True
 
 

@@ -18,6 +18,8 @@ from typing import Any
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from unislim.errors import StorageError
+
 PARENT_TAG = "mlflow.parentRunId"
 RUN_NAME_TAG = "mlflow.runName"
 _BATCH = 100  # MLflow's per-request limit on params / metrics
@@ -27,6 +29,91 @@ def default_tracking_uri(runs_dir: Path, uri: str | None = None) -> str:
     """`--tracking-uri`, else `MLFLOW_TRACKING_URI`, else `sqlite:///<runs-dir>/mlflow.db`."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
     return uri or f"sqlite:///{Path(runs_dir).resolve() / 'mlflow.db'}"
+
+
+_DB_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")  # SQLAlchemy stores: `engine[+driver]://`
+_SCHEMES = ("http", "https", "file", "databricks", "databricks-uc", "uc", *_DB_SCHEMES)
+_EXPECTED = "sqlite:///PATH, http(s)://HOST:PORT, file:///PATH, postgresql|mysql|mssql://..., or databricks"
+
+
+def check_tracking_uri(uri: str, flag: str = "--tracking-uri") -> None:
+    """Refuse a tracking URI MLflow would misread (no scheme, unknown scheme, no host, bad port).
+
+    MLflow takes a string without a scheme for a folder and creates it, so `--tracking-uri garbage`
+    would quietly start a file store named `garbage`; here it is an error, as is a sqlite file in
+    a folder that does not exist.
+    """
+    from urllib.parse import urlsplit
+
+    def fail(problem: str):
+        return StorageError(f"{flag} {uri!r}", f"{problem}; expected {_EXPECTED}")
+
+    if uri.lower() in ("databricks", "databricks-uc", "uc"):  # the default Databricks profile
+        return
+    head, sep, _ = uri.partition(":")
+    scheme = head.lower()
+    if not sep or not scheme or not scheme[0].isalpha() or not all(c.isalnum() or c in "+-." for c in scheme):
+        raise fail("has no URI scheme")
+    base = scheme.split("+")[0]
+    if scheme not in _SCHEMES and base not in _DB_SCHEMES:
+        raise fail(f"unknown scheme {scheme!r}")
+    try:
+        parts = urlsplit(uri)
+        port = parts.port  # raises ValueError for a port that is not a number in 0..65535
+    except ValueError as e:
+        raise fail(f"cannot be parsed ({e})") from None
+    if base in ("http", "https") and not parts.hostname:
+        raise fail("names no host")
+    if base in ("http", "https") and port == 0:
+        raise fail("has port 0")
+    if base == "sqlite":
+        if not uri.lower().startswith("sqlite:///") or len(uri) <= len("sqlite:///"):
+            raise fail("names no database file (sqlite:///relative/path or sqlite:////absolute/path)")
+        folder = Path(uri[len("sqlite:///"):]).parent
+        if not folder.is_dir():
+            raise StorageError(f"{flag} {uri!r}", f"the database's folder {folder} does not exist")
+    if base == "file" and not parts.path:
+        raise fail("names no folder")
+
+
+def check_server(uri: str, timeout_s: float, flag: str = "--tracking-uri") -> None:
+    """For an http(s) tracking URI, wait at most `timeout_s` (connect, then read) for an answer.
+
+    MLflow's own client would retry a refused connection 7 times with exponential backoff (about
+    4 minutes: MLFLOW_HTTP_REQUEST_MAX_RETRIES=7, MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR=2) and give a
+    silent server MLFLOW_HTTP_REQUEST_TIMEOUT=120 s per attempt (about 20 minutes), so a run checks
+    here first, once, without retries. Any HTTP answer counts: authentication is MLflow's business.
+    """
+    if not uri.lower().startswith(("http://", "https://")):
+        return
+    import requests
+
+    try:
+        requests.get(f"{uri.rstrip('/')}/health", timeout=(timeout_s, timeout_s), allow_redirects=False)
+    except requests.Timeout:
+        raise StorageError(f"{flag} {uri}", f"the MLflow server did not answer within {timeout_s:g} s "
+                           "(raise --connect-timeout if it is slow to start)") from None
+    except requests.RequestException as e:
+        reason = _reason(e)
+        raise StorageError(f"{flag} {uri}", f"cannot reach an MLflow server ({reason}); start one "
+                           "(`mlflow server --host 127.0.0.1 --port 5000`) or leave --tracking-uri out for "
+                           "the local store in the runs dir") from None
+
+
+def _reason(e: BaseException) -> str:
+    """The innermost cause of a requests / urllib3 error, short (`Connection refused`)."""
+    text = str(e)
+    for _ in range(10):  # requests wraps urllib3's MaxRetryError, which holds the socket error
+        inner = e.__cause__ or (e.args[0] if e.args and isinstance(e.args[0], BaseException) else None)
+        inner = inner or getattr(e, "reason", None)
+        if not isinstance(inner, BaseException) or inner is e:
+            break
+        e, text = inner, str(inner)
+    for known in ("Connection refused", "Name or service not known", "No route to host", "Network is unreachable",
+                  "certificate verify failed", "Temporary failure in name resolution", "Connection reset"):
+        if known in text:
+            return known
+    return " ".join(text.split())[:200]
 
 
 def is_local_store(uri: str) -> bool:

@@ -16,14 +16,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-
-class ConfigError(ValueError):
-    """A pipeline file (or its overrides) is invalid; `errors` holds one line per problem."""
-
-    def __init__(self, source: str, errors: list[str]):
-        self.source = source
-        self.errors = errors
-        super().__init__(f"{source}: {len(errors)} error(s)\n" + "\n".join(f"  {e}" for e in errors))
+from . import yamlio
+from .errors import ConfigError  # noqa: F401  (unislim.config.ConfigError is public: code imports it from here)
 
 
 class _Section(BaseModel):
@@ -650,10 +644,16 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> list[str]:
     errors = []
     for item in overrides:
         key, sep, raw = item.partition("=")
-        if not sep or not key:
+        parts = key.split(".")
+        if not sep or not key or not all(p.strip() for p in parts):
             errors.append(f"{item}: override must look like key=value (e.g. pretrain.lr=3e-4)")
             continue
-        parts = key.split(".")
+        try:
+            value = yamlio.load(raw) if raw != "" else None
+        except yaml.YAMLError as e:
+            errors.append(f"{key}: the value {raw!r} is not valid YAML ({yamlio.describe(e)}); "
+                          "quote it to pass a string")
+            continue
         node = data
         for i, part in enumerate(parts[:-1]):
             child = node.setdefault(part, {})
@@ -662,8 +662,38 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> list[str]:
                 break
             node = child
         else:
-            node[parts[-1]] = yaml.safe_load(raw) if raw != "" else None
+            node[parts[-1]] = value
     return errors
+
+
+def _read_yaml(path: Path, source: str) -> Any:
+    """The one YAML document at `path`; `ConfigError` naming the file for anything unreadable."""
+    def fail(problem: str):
+        return ConfigError(source, [problem])
+
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise fail("file not found") from None
+    except IsADirectoryError:
+        raise fail("is a folder; expected a pipeline YAML file") from None
+    except PermissionError:
+        raise fail("not readable (permission denied)") from None
+    except OSError as e:
+        raise fail(f"cannot be read ({e.strerror or e})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise fail(f"is not UTF-8 text (byte 0x{raw[e.start]:02x} at line {line}, offset {e.start}); "
+                   "save it as UTF-8") from None
+    try:
+        data = yamlio.load(text)
+    except yaml.YAMLError as e:
+        raise fail(f"not valid YAML ({yamlio.describe(e)})") from None
+    if data is None:  # empty, or only comments: not "the default pipeline" by accident
+        raise fail("has no settings (empty or only comments); write `{}` to run the default pipeline")
+    return data
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
@@ -671,19 +701,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Read, override and validate a pipeline file; raise `ConfigError` listing every problem."""
     source = str(path) if path is not None else "<config>"
     if data is None:
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(source, [f"{source}: file not found"]) from None
-        except yaml.YAMLError as e:
-            raise ConfigError(source, [f"{source}: not valid YAML ({e})"]) from None
+        data = _read_yaml(Path(path), source)
     if not isinstance(data, dict):
-        raise ConfigError(source, ["<root>: must be a mapping of sections"])
+        raise ConfigError(source, [f"<root>: must be a mapping of sections (got {type(data).__name__})"])
     errors = apply_overrides(data, overrides or [])
     try:
         cfg = PipelineConfig.model_validate(data)
     except ValidationError as e:
         errors += [_format(err) for err in e.errors()]
+        cfg = None
+    except RecursionError:  # a value nested thousands deep
+        errors.append("<root>: nested too deeply to validate")
         cfg = None
     if errors:
         raise ConfigError(source, errors)
