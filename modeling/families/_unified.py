@@ -183,7 +183,7 @@ class UnifiedFamily(Family):
         processor = self.processor(model_or_config)
         tok = processor.tokenizer
         questions, images = _column(rows, "question"), self.images(rows, where)
-        enc = processor(text=[self.und_prompt(processor, q) for q in questions], images=images, padding=True,
+        enc = processor(text=[self.und_prompt(processor, q) for q in questions], images=images, padding=True, padding_side="left",
                         return_tensors="pt")
         out = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
         if "image_sizes" in out:
@@ -282,7 +282,11 @@ class UnifiedFamily(Family):
     def decode_answers(self, model: nn.Module, enc: dict[str, torch.Tensor], *, step_hook=None,
                        max_new_tokens: int = 16, use_cache: bool = True, **_) -> Generation:
         """Greedy answers: what HF `generate(max_new_tokens=…, do_sample=False)` gives, token for
-        token, with a step hook that may skip layers (KV-cache safe, see `LayerSkip`)."""
+        token, with a step hook that may skip layers (KV-cache safe, see `LayerSkip`).
+
+        Without a cache every step reruns the LM over the prompt's merged embeddings (the image
+        features already in place, captured from the first forward) and the answer so far: feeding
+        ids again would re-count an image placeholder the model happened to generate."""
         device = device_of(model)
         tok = self.processor(model).tokenizer
         extra = {k: v.to(device) for k, v in enc.items() if k not in ("input_ids", "attention_mask", "labels",
@@ -291,10 +295,11 @@ class UnifiedFamily(Family):
             extra["pixel_values"] = extra["pixel_values"].to(model.dtype)
         prompt, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
         b = prompt.shape[0]
-        layers = self.decoder_layers(model)
+        layers, lm = self.decoder_layers(model), self.language_model(model)
         tokens: list[torch.Tensor] = []
         done = torch.zeros(b, dtype=torch.bool, device=device)
         history: list[set[int]] = []
+        merged: dict[str, torch.Tensor] = {}
         cache = None
         result = Generation(tokens=prompt.new_zeros(b, 0))
         with LayerSkip(layers) as skip:
@@ -302,19 +307,33 @@ class UnifiedFamily(Family):
                 step = run_step_hook(step_hook, DecodeStep(s, max_new_tokens, "und"), len(layers))
                 result.skipped.append(set(step.skip_layers))
                 full = torch.cat([mask, mask.new_ones(b, s)], 1)
+                length = prompt.shape[1] if s == 0 or not use_cache else 1
                 if use_cache:
-                    feed = prompt if s == 0 else tokens[-1][:, None]
-                    skip.set_step(step.skip_layers, feed.shape, device)
+                    skip.set_step(step.skip_layers, (b, length), device)
                 else:
-                    feed = torch.cat([prompt, *[t[:, None] for t in tokens]], 1)
                     history.append(set(step.skip_layers))
                     skip.set_history(history, [prompt.shape[1]] + [1] * s, b, device)
-                kwargs = extra if (s == 0 or not use_cache) else {}
-                with task_scope(model, "und", token_mask=full[:, -feed.shape[1]:].bool()):
-                    out = model(input_ids=feed, attention_mask=full, position_ids=position_ids(full)[:, -feed.shape[1]:],
-                                cache=cache, use_cache=use_cache, logits_to_keep=1, **kwargs)
-                cache = out.cache if use_cache else None
-                nxt = out.logits[:, -1].argmax(-1).masked_fill(done, tok.pad_token_id)
+                positions = position_ids(full)[:, -length:] if use_cache else position_ids(full)
+                with task_scope(model, "und", token_mask=full[:, -length:].bool() if use_cache else full.bool()):
+                    if s == 0:  # the prompt with its image, through the whole model
+                        grab = lm.register_forward_pre_hook(
+                            lambda m, a, k: merged.update(embeds=k["inputs_embeds"]) and None, with_kwargs=True)
+                        try:
+                            out = model(input_ids=prompt, attention_mask=full, position_ids=positions, cache=None,
+                                        use_cache=use_cache, logits_to_keep=1, **extra)
+                        finally:
+                            grab.remove()
+                        logits, cache = out.logits[:, -1], out.cache if use_cache else None
+                    elif use_cache:
+                        out = model(input_ids=tokens[-1][:, None], attention_mask=full, position_ids=positions,
+                                    cache=cache, use_cache=True, logits_to_keep=1)
+                        logits, cache = out.logits[:, -1], out.cache
+                    else:
+                        answer = model.get_input_embeddings()(torch.stack(tokens, 1))
+                        out = lm(inputs_embeds=torch.cat([merged["embeds"], answer], 1), attention_mask=full,
+                                 position_ids=positions, use_cache=False)
+                        logits = model.lm_head(out.last_hidden_state[:, -1])
+                nxt = logits.argmax(-1).masked_fill(done, tok.pad_token_id)
                 tokens.append(nxt)
                 done |= nxt == tok.eos_token_id
                 if bool(done.all()):
@@ -322,6 +341,10 @@ class UnifiedFamily(Family):
         result.tokens = torch.stack(tokens, 1)
         result.texts = tok.batch_decode(result.tokens, skip_special_tokens=True)
         return result
+
+    def language_model(self, model: nn.Module) -> nn.Module:
+        """The decoder the layers belong to (`model.language_model`, `model.text_model`)."""
+        return model.get_submodule(self.adapter_data()["layers"].rsplit(".", 1)[0])
 
     # ------------------------------------------------------------ the generation task (subclasses)
     def encode_gen(self, rows: Rows, model_or_config=None, generator: torch.Generator | None = None,

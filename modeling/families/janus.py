@@ -112,7 +112,7 @@ class JanusFamily(UnifiedFamily):
         With a `generator` (training) a `cfg_dropout` share of prompts become unconditional."""
         processor = self.processor(model_or_config)
         prompts = _column(rows, "prompt")
-        enc = processor(text=prompts, generation_mode="image", padding=True, return_tensors="pt")
+        enc = processor(text=prompts, generation_mode="image", padding=True, padding_side="left", return_tensors="pt")
         ids = enc["input_ids"]
         if generator is not None and self.cfg_dropout > 0:
             drop = torch.rand(len(prompts), generator=generator) < self.cfg_dropout

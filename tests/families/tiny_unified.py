@@ -62,8 +62,9 @@ def _widen(model: torch.nn.Module, modules: list[torch.nn.Module], seed: int) ->
                     m.weight.copy_(torch.randn(m.weight.shape, generator=g) * INIT / max(1.0, fan_in ** 0.5) * 4)
 
 
-def build_janus(path: str | Path, seed: int = 0) -> Path:
-    """A tiny random `JanusForConditionalGeneration` + `JanusProcessor` saved to `path`."""
+def build_janus(path: str | Path, seed: int = 0):
+    """A tiny random `JanusForConditionalGeneration` + `JanusProcessor` saved to `path`; returns the
+    model as built (eval mode), to compare with what reloads."""
     from transformers import JanusConfig, JanusForConditionalGeneration, JanusProcessor
     from transformers.models.janus import JanusImageProcessorPil
 
@@ -97,11 +98,12 @@ def build_janus(path: str | Path, seed: int = 0) -> Path:
     path = Path(path)
     model.save_pretrained(path)
     processor.save_pretrained(path)
-    return path
+    return model
 
 
-def build_emu3(path: str | Path, seed: int = 0) -> Path:
-    """A tiny random `Emu3ForConditionalGeneration` + `Emu3Processor` saved to `path`."""
+def build_emu3(path: str | Path, seed: int = 0):
+    """A tiny random `Emu3ForConditionalGeneration` + `Emu3Processor` saved to `path`; returns the
+    model as built (eval mode)."""
     from transformers import Emu3Config, Emu3ForConditionalGeneration, Emu3ImageProcessor, Emu3Processor
 
     marks = {"image_token": "<image>", "boi_token": "<|image start|>", "eoi_token": "<|image end|>",
@@ -127,7 +129,7 @@ def build_emu3(path: str | Path, seed: int = 0) -> Path:
     path = Path(path)
     model.save_pretrained(path)
     processor.save_pretrained(path)
-    return path
+    return model
 
 
 # ------------------------------------------------------------------ rows from the digits scenes
