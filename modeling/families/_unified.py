@@ -83,6 +83,7 @@ class UnifiedFamily(Family):
     """Shared half of the Janus and Emu3 families; subclasses implement the `gen` task."""
 
     ADAPTER: ClassVar[dict[str, Any]] = {}
+    IMAGE_EXPECTED: ClassVar[str] = "an RGB-convertible image"  # what the processor takes, for error messages
     TASK_MODULES: ClassVar[dict[str, tuple[str, ...]]] = {}  # modules one token of a task passes through
 
     def __init__(self, adapter: dict[str, Any] | None = None, trust_remote_code: bool = False,
@@ -163,7 +164,7 @@ class UnifiedFamily(Family):
             processor.image_processor(images=[image], return_tensors="pt")
         except Exception as e:
             raise DataError(f"{where}: the image ({image.width}x{image.height}) is rejected by "
-                            f"{type(processor.image_processor).__name__}: {e}") from None
+                            f"{type(processor.image_processor).__name__} ({e}); expected {self.IMAGE_EXPECTED}") from None
 
     def images(self, rows: Rows, where: str = "rows") -> list:
         return [None if d is None else decode_image(d, where, i) for i, d in enumerate(_column(rows, "image"))]

@@ -61,6 +61,8 @@ class Emu3Family(UnifiedFamily):
     name = "emu3"
     kinds = {"und": UND, "gen": GEN}
     ADAPTER = ADAPTER
+    IMAGE_EXPECTED = ("an image at least 2 pixels high with an aspect ratio below 200:1 (the processor resizes "
+                      "it to multiples of 8 within its min/max pixels)")
     # Both tasks: every token goes through the whole LM and the whole lm_head (text and visual rows).
     TASK_MODULES = {"und": ("model.text_model", "lm_head"), "gen": ("model.text_model", "lm_head")}
 

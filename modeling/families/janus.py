@@ -79,6 +79,8 @@ class JanusFamily(UnifiedFamily):
     name = "janus"
     kinds = {"und": UND, "gen": GEN}
     ADAPTER = ADAPTER
+    IMAGE_EXPECTED = ("an image of any size and mode (the processor makes it RGB, scales its longest side to the "
+                      "vision size and pads it square)")
     # The VQ model is data processing (image → codes for teacher forcing, codes → pixels for
     # viewing) and counts in params/total only.
     TASK_MODULES = {
