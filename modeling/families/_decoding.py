@@ -106,7 +106,8 @@ class LayerSkip:
         layers = set().union(*history) if history else set()
         self.masks = {}
         for i in layers:
-            per_token = torch.cat([torch.full((n,), i in skipped, dtype=torch.bool) for skipped, n in zip(history, lengths)])
+            per_token = torch.cat([torch.full((n,), i in skipped, dtype=torch.bool)
+                                   for skipped, n in zip(history, lengths)])
             self.masks[i] = per_token.to(device).expand(batch, -1)
 
     def _forward(self, i: int, layer: nn.Module, original, args, kwargs):

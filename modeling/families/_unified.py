@@ -164,7 +164,8 @@ class UnifiedFamily(Family):
             processor.image_processor(images=[image], return_tensors="pt")
         except Exception as e:
             raise DataError(f"{where}: the image ({image.width}x{image.height}) is rejected by "
-                            f"{type(processor.image_processor).__name__} ({e}); expected {self.IMAGE_EXPECTED}") from None
+                            f"{type(processor.image_processor).__name__} ({e}); expected "
+                            f"{self.IMAGE_EXPECTED}") from None
 
     def images(self, rows: Rows, where: str = "rows") -> list:
         return [None if d is None else decode_image(d, where, i) for i, d in enumerate(_column(rows, "image"))]
@@ -184,8 +185,8 @@ class UnifiedFamily(Family):
         processor = self.processor(model_or_config)
         tok = processor.tokenizer
         questions, images = _column(rows, "question"), self.images(rows, where)
-        enc = processor(text=[self.und_prompt(processor, q) for q in questions], images=images, padding=True, padding_side="left",
-                        return_tensors="pt")
+        enc = processor(text=[self.und_prompt(processor, q) for q in questions], images=images, padding=True,
+                        padding_side="left", return_tensors="pt")
         out = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
         if "image_sizes" in out:
             out["image_sizes"] = torch.as_tensor(out["image_sizes"])

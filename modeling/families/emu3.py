@@ -90,10 +90,11 @@ class Emu3Family(UnifiedFamily):
         area = image_area or self.image_area or processor.image_area
         return processor.calculate_generate_size(processor.ratio, area, processor.downsample_ratio)
 
-    def prompt_ids(self, processor, texts: list[str], image_area: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def prompt_ids(self, processor, texts: list[str], image_area: int | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
         area = image_area or self.image_area or processor.image_area
-        enc = processor(text=texts, return_for_image_generation=True, image_area=area, padding=True, padding_side="left",
-                        return_tensors="pt")
+        enc = processor(text=texts, return_for_image_generation=True, image_area=area, padding=True,
+                        padding_side="left", return_tensors="pt")
         return enc["input_ids"], enc["attention_mask"]
 
     def encode_gen(self, rows: Rows, model_or_config=None, generator: torch.Generator | None = None,
@@ -142,7 +143,8 @@ class Emu3Family(UnifiedFamily):
 
     # ------------------------------------------------------------ teacher forcing
     def grid_logits(self, model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                    grid: torch.Tensor, chunks: list[tuple[int, int, int]] | None = None, on_chunk=None) -> torch.Tensor:
+                    grid: torch.Tensor, chunks: list[tuple[int, int, int]] | None = None,
+                    on_chunk=None) -> torch.Tensor:
         """LM logits (B, G, V) at the G grid positions, teacher-forced on `grid`; `chunks` and
         `on_chunk` as in `JanusFamily.image_token_logits`."""
         device = device_of(model)
@@ -255,8 +257,9 @@ class Emu3Family(UnifiedFamily):
         branches = [(prompt_ids.to(device), prompt_mask.to(device))]
         if guided:
             if negative_ids is None:
-                negative_ids, negative_mask = self.prompt_ids(self.processor(model), [self.negative_prompt] * b,
-                                                              image_area=h * w * self.processor(model).downsample_ratio ** 2)
+                processor = self.processor(model)
+                area = h * w * processor.downsample_ratio ** 2
+                negative_ids, negative_mask = self.prompt_ids(processor, [self.negative_prompt] * b, area)
             branches.append((negative_ids.to(device), negative_mask.to(device)))
         record = [record_cfg != "uncond", record_cfg != "cond"]
         layers = self.decoder_layers(model)
@@ -266,8 +269,8 @@ class Emu3Family(UnifiedFamily):
         result = Generation(tokens=prompt_ids.new_zeros(b, 0))
         with LayerSkip(layers) as skip:
             for s in range(total):
-                step = run_step_hook(step_hook, DecodeStep(s, total, "gen", cfg_scale_at(cfg_schedule, s, total, default)),
-                                     len(layers))
+                scale = cfg_scale_at(cfg_schedule, s, total, default)
+                step = run_step_hook(step_hook, DecodeStep(s, total, "gen", scale), len(layers))
                 result.cfg_scales.append(float(step.cfg_scale))
                 result.skipped.append(set(step.skip_layers))
                 logps = []
@@ -286,8 +289,9 @@ class Emu3Family(UnifiedFamily):
                         m = torch.zeros(b, feed.shape[1], dtype=torch.bool, device=device)
                         m[:, -1] = record[i] and s < g
                         recorder.token_mask = m
-                    with task_scope(model, "gen", token_mask=full[:, -feed.shape[1]:].bool()):
-                        out = model(input_ids=feed, attention_mask=full, position_ids=position_ids(full)[:, -feed.shape[1]:],
+                    length = feed.shape[1]
+                    with task_scope(model, "gen", token_mask=full[:, -length:].bool()):
+                        out = model(input_ids=feed, attention_mask=full, position_ids=position_ids(full)[:, -length:],
                                     cache=caches[i], use_cache=use_cache, logits_to_keep=1)
                     caches[i] = out.cache if use_cache else None
                     logps.append(out.logits[:, -1].float())

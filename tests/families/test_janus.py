@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import pickle
 
 import numpy as np
@@ -197,12 +196,6 @@ def test_calibration_sets_the_task_scope(janus):
     finally:
         handle.remove()
     assert seen == ["und", "gen"] and scope_of(model).task is None
-
-
-def _png(image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def test_bad_rows_name_task_file_and_row(janus):
