@@ -28,7 +28,6 @@ _HEADER_MAX = 100_000_000  # bytes; safetensors itself refuses headers over 100 
 _ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2, "U16": 2,
              "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8}
 _PICKLES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "*.pt", "*.pth", "*.ckpt", "*.bin")
-_REFERENCE_FAMILY = ("unidigits", "unidigits_mod", "unidigits_moe")  # loaded with AutoModel, as load_model does
 
 TensorInfo = tuple[str, tuple[int, ...]]  # (dtype, shape)
 
@@ -157,7 +156,7 @@ def _check_shapes(folder: Path, config: dict[str, Any], tensors: dict[str, Tenso
                   trust_remote_code: bool) -> None:
     """Compare the tensors with the parameters the config builds (meta device: nothing allocated)."""
     import torch
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     import unislim.modeling.families.digits  # noqa: F401  (registers unidigits* with AutoConfig/AutoModel)
 
@@ -172,10 +171,17 @@ def _check_shapes(folder: Path, config: dict[str, Any], tensors: dict[str, Tenso
     except Exception as e:  # noqa: BLE001 - a config class rejecting its values
         raise CheckpointError(str(folder / "config.json"), f"does not load as a {model_type!r} config "
                               f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
-    auto = AutoModel if model_type in _REFERENCE_FAMILY else AutoModelForCausalLM
+    from unislim.modeling.families import family_for
+    from unislim.modeling.loading import model_class, _rebuilding
+    from unislim.modeling.surgery.record import ops
+
     try:
+        family = family_for(hf_config)
+        cls = model_class(family.auto_class(hf_config), hf_config)
+        if ops(hf_config):
+            cls = _rebuilding(cls)  # the recorded surgery's shapes (per-layer widths, experts, routers)
         with torch.device("meta"):
-            model = auto.from_config(hf_config)
+            model = cls(hf_config)
     except Exception as e:  # noqa: BLE001 - whatever the config's values make the model code raise
         raise CheckpointError(str(folder / "config.json"), f"does not build a {model_type!r} model "
                               f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None

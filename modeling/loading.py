@@ -49,9 +49,30 @@ def load_pretrained(path: str | Path, family, *, device: str | torch.device = "c
     if record.ops(config):
         cls = _rebuilding(cls)
     kwargs = {"dtype": dtype} if dtype is not None else {}
-    model = cls.from_pretrained(path, config=config, use_safetensors=True,
-                                trust_remote_code=family.trust_remote_code, **kwargs)
+    try:
+        model, info = cls.from_pretrained(path, config=config, use_safetensors=True, output_loading_info=True,
+                                          trust_remote_code=family.trust_remote_code, **kwargs)
+    except Exception:  # name the file and what is wrong with it (truncated, wrong shapes, ...) where we can
+        from .checks import check_checkpoint
+
+        check_checkpoint(path, trust_remote_code=family.trust_remote_code)
+        raise
+    missing = [k for k in info.get("missing_keys", []) if k not in _tied(model)]
+    bad = {"missing": missing, "unexpected": list(info.get("unexpected_keys", [])),
+           "mismatched": [str(m) for m in info.get("mismatched_keys", [])]}
+    if any(bad.values()):  # a weight initialised at random is not the checkpoint's model
+        from unislim.errors import CheckpointError
+
+        raise CheckpointError(str(path), "its weights do not fill the model its config.json (and recorded surgery) "
+                              "builds: " + "; ".join(f"{k} {v[:3]}{'...' if len(v) > 3 else ''}"
+                                                    for k, v in bad.items() if v))
     return model.to(device).eval()
+
+
+def _tied(model) -> set[str]:
+    """Parameter names that share storage with another (tied embeddings): saved once."""
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    return set(tied if isinstance(tied, (list, set, tuple)) else tied.keys())
 
 
 def model_class(auto: type, config) -> type:

@@ -77,11 +77,14 @@ def fit(loop: Callable[[dict], None], config: dict[str, Any], ctx: StageContext,
 
 
 def training_datasets(train_dir: str | Path, tasks: dict[str, dict]) -> dict:
-    """One Ray Dataset per training task (`train/<task>/part-*.parquet` of the shard stage)."""
+    """One Ray Dataset per training task (`train/<task>/part-*.parquet` of the shard stage), read
+    into the object store now: once the workers hold the cluster's CPUs, a read task could never be
+    scheduled (the workers would wait for their shards forever); splitting materialized blocks
+    needs no CPU."""
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
-    return {name: ray.data.read_parquet(str(Path(train_dir) / name)) for name, info in tasks.items()
+    return {name: ray.data.read_parquet(str(Path(train_dir) / name)).materialize() for name, info in tasks.items()
             if "train_rows" in info}
 
 
@@ -206,6 +209,24 @@ def row_stream(shard, n: int, seed: int) -> Iterator[dict]:
         epoch += 1
 
 
+def row_fingerprints(batch: dict) -> list[str]:
+    """A short hash of each row of a numpy batch (its column values): which rows a step trained on."""
+    import hashlib
+
+    import numpy as np
+
+    n = len(next(iter(batch.values())))
+    out = []
+    for i in range(n):
+        h = hashlib.sha1()
+        for name in sorted(batch):
+            h.update(name.encode())
+            h.update(np.asarray(batch[name][i]).tobytes() if not isinstance(batch[name][i], str)
+                     else batch[name][i].encode())
+        out.append(h.hexdigest()[:12])
+    return out
+
+
 def _merge_kinds(rows: dict[str, dict], kinds: dict[str, str]) -> dict[str, dict]:
     """Rows per task → rows per task kind (two tasks of one kind are concatenated)."""
     import numpy as np
@@ -290,6 +311,7 @@ def train_loop_per_worker(config: dict) -> None:
                for t, n in counts.items()}
     first = {t: next(s) for t, s in streams.items()}  # peeked for router fitting, then trained on
     streams = {t: itertools.chain([first[t]], s) for t, s in streams.items()}
+    data = {"rows_per_step": counts, "first_rows": {t: row_fingerprints(b) for t, b in first.items()}}
     _prepare(family, model, config, rank, ctx, lambda: collate(first, -1))
     model.train()
     optimizer, scheduler = make_optimizer(model, config["lr"], steps, config["warmup_steps"],
@@ -347,7 +369,7 @@ def train_loop_per_worker(config: dict) -> None:
                              f"{entry['busy_s'] / n:.3f}s/step")
         if done % config["checkpoint_every"] == 0 or done == steps:
             report({"step": done, "loss": history[-1]["loss"] if history else float("nan")},
-                   write=lambda f: save_deepspeed(f, engine, model, done, history, resumes, snapshots),
+                   write=lambda f: save_deepspeed(f, engine, model, done, history, resumes, snapshots, data),
                    all_ranks=True)
     shutil.rmtree(snapshots, ignore_errors=True)
 
@@ -454,9 +476,10 @@ def resume_deepspeed(model, optimizer, scheduler=None, **engine_options) -> tupl
 
 
 def save_deepspeed(folder: Path, engine, model, step: int, history: list, resumes: list,
-                   snapshots: Path | None = None) -> None:
+                   snapshots: Path | None = None, data: dict | None = None) -> None:
     """Every rank: its optimizer shard. Rank 0: the model (gathered first under ZeRO-3, a
-    collective), the step, the log, the steps the run was resumed from, and early snapshots."""
+    collective), the step, the log, the steps the run was resumed from, early snapshots, and what
+    the data stream looked like (rows per step and task, fingerprints of the first rows read)."""
     from contextlib import nullcontext
 
     rank, _ = world()
@@ -471,4 +494,5 @@ def save_deepspeed(folder: Path, engine, model, step: int, history: list, resume
             model.save_pretrained(folder / "model")
             if snapshots is not None and snapshots.exists() and any(snapshots.iterdir()):
                 shutil.copytree(snapshots, folder / "snapshots")
-            (folder / "state.json").write_text(json.dumps({"step": step, "history": history, "resumes": resumes}))
+            (folder / "state.json").write_text(json.dumps({"step": step, "history": history, "resumes": resumes,
+                                                           "data": data or {}}))

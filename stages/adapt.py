@@ -42,6 +42,7 @@ def run(cfg: Any, inputs: dict, ctx: Any) -> dict[str, str]:
     out = Path(ctx.out_dir)
     history: dict[str, list] = {}
     resumed: dict[str, list] = {}  # phase -> steps it was resumed from (after a failure or a rerun)
+    data: dict[str, dict] = {}  # phase -> rows per step and task, fingerprints of the first rows read
     init = source
     for i, (phase, steps) in enumerate(phases):
         last = i == len(phases) - 1
@@ -52,12 +53,12 @@ def run(cfg: Any, inputs: dict, ctx: Any) -> dict[str, str]:
         target = out / ("checkpoint" if last else f"checkpoint-{phase}")
         shutil.move(str(folder / "model"), target)
         shutil.rmtree(folder, ignore_errors=True)
-        history[phase], resumed[phase] = state["history"], state["resumes"]
+        history[phase], resumed[phase], data[phase] = state["history"], state["resumes"], state.get("data", {})
         description = f"adapt:{phase}:{_source_description(source)}"
         (target / "unislim.json").write_text(json.dumps({"description": description, "stage": "adapt"}))
         init = target
 
-    (out / "history.json").write_text(json.dumps({"history": history, "resumed_from": resumed}))
+    (out / "history.json").write_text(json.dumps({"history": history, "resumed_from": resumed, "data": data}))
     model = family.load(out / "checkpoint")  # reloads through its family
     plot_history(history, out / "plots" / "loss.png", "adapt: training loss per phase")
     metrics = {f"adapt/{phase}_final_loss": h[-1]["loss"] for phase, h in history.items() if h}

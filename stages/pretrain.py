@@ -40,7 +40,8 @@ def run(cfg: Any, inputs: dict, ctx: Any) -> dict[str, str]:
     shutil.rmtree(folder, ignore_errors=True)
     (out / "checkpoint" / "unislim.json").write_text(json.dumps({"description": description, "stage": "pretrain"}))
     history = state["history"]
-    (out / "history.json").write_text(json.dumps({"history": history, "resumed_from": state["resumes"]}))
+    (out / "history.json").write_text(json.dumps({"history": history, "resumed_from": state["resumes"],
+                                                  "data": state.get("data", {})}))
     plot_history({"pretrain": history}, out / "plots" / "loss.png", f"pretrain {description}")
     last = history[-1]
     metrics = {"pretrain/final_loss": last["loss"], "pretrain/final_und_loss": last.get("und_loss"),

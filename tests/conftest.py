@@ -47,6 +47,15 @@ def tiny_pipeline(**sections) -> dict:
     return data
 
 
+def stage_config(data: dict, stage: str):
+    """What stage `stage` receives as its config (`StageSpec.config`) for the pipeline `data`."""
+    from unislim.config import load_config
+    from unislim.pipelines.graph import plan
+
+    cfg = load_config(data=data)
+    return next(s for s in plan(cfg) if s.id == stage).config(cfg)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """The session's one local Ray cluster (2 CPUs); yields its GCS address for subprocesses."""

@@ -640,7 +640,8 @@ def _format(err: dict[str, Any]) -> str:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> list[str]:
-    """Apply `a.b.c=value` overrides in place (values parsed as YAML); return errors."""
+    """Apply `a.b.c=value` overrides in place (values parsed as YAML; a number indexes a list, as in
+    `shard.tasks.0.path=...`); return errors."""
     errors = []
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -655,14 +656,25 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> list[str]:
                           "quote it to pass a string")
             continue
         node = data
-        for i, part in enumerate(parts[:-1]):
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                errors.append(f"{'.'.join(parts[:i + 1])}: is not a section, cannot set {key}")
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if isinstance(node, list):  # `shard.tasks.0.path`: an index into a list
+                if not part.isdigit() or int(part) >= len(node):
+                    errors.append(f"{'.'.join(parts[:i])}: has {len(node)} item(s); {part!r} is not an index of "
+                                  f"one, cannot set {key}")
+                    break
+                if last:
+                    node[int(part)] = value
+                else:
+                    node = node[int(part)]
+                continue
+            if not isinstance(node, dict):
+                errors.append(f"{'.'.join(parts[:i])}: is not a section, cannot set {key}")
                 break
-            node = child
-        else:
-            node[parts[-1]] = value
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
     return errors
 
 

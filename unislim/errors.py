@@ -29,7 +29,9 @@ class UserError(Exception):
 
     exit_code = 2
 
-    def __init__(self, where: str, problem: str):
+    def __init__(self, where: str, problem: str | None = None):
+        if problem is None:  # one message "where: problem"
+            where, _, problem = str(where).partition(": ")
         self.where = one_line(where, 200)
         self.problem = one_line(problem)
         super().__init__(f"{self.where}: {self.problem}")

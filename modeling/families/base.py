@@ -32,11 +32,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from unislim.errors import DataError  # noqa: F401  (a data row or file is unusable: task, file, row)
+
 Rows = dict[str, np.ndarray]  # one task's rows, column -> array (what Ray Data's iter_batches yields)
 
 
-class DataError(ValueError):
-    """A data row or file is unusable; the message names the task, the file and the row."""
+def step_bucket(index: int, steps: int, buckets: int) -> int:
+    """Step `index` of `steps` (a denoising step, an image token's position) → bucket 0 … buckets − 1."""
+    return min(buckets - 1, index * buckets // steps)
 
 
 @dataclass(frozen=True)

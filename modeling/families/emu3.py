@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unislim.modeling.calibration import step_bucket
+from unislim.modeling.families.base import step_bucket
 from unislim.modeling.surgery.scope import task_scope
 
 from ._decoding import DecodeStep, Generation, LayerSkip, cfg_scale_at, run_step_hook

@@ -12,7 +12,7 @@ One checkpoint does both tasks on one Llama LM (`model.language_model`):
 Image-token positions are the ones that predict a code: the last prompt position (`<begin_of_image>`)
 predicts code 0 and the input of code k predicts code k + 1, so a row has `num_image_tokens` of
 them, in a teacher-forced forward and in decoding alike; they are bucketed by the index of the code
-they predict (`modeling.calibration.step_bucket`), as diffusion steps are.
+they predict (`families.base.step_bucket`), as diffusion steps are.
 
 Classifier-free guidance (as HF's `generate(generation_mode="image")`): the batch is doubled, the
 second half is the unconditional prompt (every token but BOS and `<begin_of_image>` replaced by pad,
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from unislim.modeling.calibration import step_bucket
+from unislim.modeling.families.base import step_bucket
 from unislim.modeling.surgery.scope import task_scope
 
 from ._decoding import DecodeStep, Generation, LayerSkip, cfg_scale_at, run_step_hook

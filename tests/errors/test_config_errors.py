@@ -185,4 +185,4 @@ def test_a_real_parquet_file_passes(tmp_path, capsys):
 
 def test_shipped_tiny_config_still_validates(tmp_path, capsys):
     r = cli(capsys, "validate", write(tmp_path / "tiny.yaml", TINY), "seed=3")
-    assert r.rc == 0 and "pretrain → shard" in r.out, r.err
+    assert r.rc == 0 and "shard → pretrain" in r.out, r.err

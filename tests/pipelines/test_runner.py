@@ -50,8 +50,12 @@ def test_mlflow_tree_of_a_run(tiny_run):
     assert metrics["model"] == "reference-tiny-shared"
     history = client.get_metric_history(children["pretrain"].info.run_id, "train/loss")
     assert [m.step for m in history] == [10, 20, 30, 40]  # live, from rank 0
-    artifacts = {a.path for a in client.list_artifacts(children["pretrain"].info.run_id, "checkpoint")}
-    assert "checkpoint/config.json" in artifacts and "checkpoint/model.safetensors" in artifacts
+    pretrain = children["pretrain"]
+    artifacts = {a.path for a in client.list_artifacts(pretrain.info.run_id, "checkpoint")}
+    assert "checkpoint/config.json" in artifacts and "checkpoint/model.safetensors" not in artifacts  # weights stay
+    assert pretrain.data.tags["unislim.checkpoint.checkpoint"] == str(Path(result.stages["pretrain"].manifest.dir)
+                                                                      / "checkpoint")
+    assert "plots/loss.png" in {a.path for a in client.list_artifacts(pretrain.info.run_id, "plots")}
     # the runs-dir contract
     for stage in STAGES:
         manifest = json.loads((Path(result.stages[stage].manifest.dir) / "manifest.json").read_text())

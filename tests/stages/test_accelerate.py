@@ -75,5 +75,6 @@ def test_off_by_default_and_wired_after_score():
     assert not AccelerateConfig().enabled
     assert "accelerate" not in [s.id for s in plan(load_config("pipeline.yaml"))]
     spec = {s.id: s for s in plan(load_config(data=tiny_pipeline(accelerate={"enabled": True})))}["accelerate"]
-    assert spec.inputs == {"checkpoint": ("pretrain", "checkpoint"), "scores": ("score", "scores")}
+    assert spec.inputs == {"checkpoint": ("pretrain", "checkpoint"), "scores": ("score", "scores"),
+                           "heldout": ("shard", "heldout"), "tasks": ("shard", "tasks")}
     assert spec.num_cpus == 1 and spec.sections == ("model", "evaluate", "accelerate")

@@ -16,7 +16,8 @@ from tests.conftest import tiny_pipeline
 from unislim.config import load_config
 from unislim.modeling.loading import load_model
 from unislim.pipelines.runner import run_pipeline
-from unislim.stages.prune import calibration_scores
+from unislim.modeling.scores import calibration_scores
+from unislim.modeling.surgery.moe.convert import moe_mlps
 
 pytestmark = pytest.mark.slow
 
@@ -67,8 +68,24 @@ def test_eft_freezes_the_experts_and_moe_adaptation_trains_them(adapt_run):
     assert all(torch.equal(experts["partition"][k], experts["eft"][k]) for k in experts["partition"])
     assert any(not torch.equal(routers["partition"][k], routers["eft"][k]) for k in routers["partition"])
     assert any(not torch.equal(experts["eft"][k], experts["moe"][k]) for k in experts["eft"])
-    model = load_model(adapted / "checkpoint")  # reloads with from_pretrained
-    assert model.config.model_type == "unidigits_moe"
+    model = load_model(adapted / "checkpoint")  # reloads through load_model, experts rebuilt
+    assert model.config.unislim["surgery"][-1]["op"] == "moe" and len(moe_mlps(model)) == 2
+
+
+def test_adapt_reads_its_batches_from_the_ray_data_shards(adapt_run):
+    import pyarrow.parquet as pq
+
+    from unislim.modeling.evaluation import columns
+    from unislim.pipelines.training import row_fingerprints
+
+    _, result = adapt_run
+    log = json.loads((_out(result, "adapt") / "history.json").read_text())
+    train = _out(result, "shard") / "train"
+    for phase in ("eft", "moe"):
+        assert log["data"][phase]["rows_per_step"] == {"und": 2, "gen": 2}  # batch 8, 2 workers, mix 0.5 / 0.5
+        for task, seen in log["data"][phase]["first_rows"].items():
+            written = set(row_fingerprints(columns(pq.read_table(sorted((train / task).glob("*.parquet"))))))
+            assert len(seen) == 2 and set(seen) <= written, (phase, task)
 
 
 def test_a_worker_death_resumes_from_the_last_checkpoint(adapt_run):

@@ -15,7 +15,8 @@ from mlflow.tracking import MlflowClient
 from tests.conftest import tiny_pipeline
 from unislim.config import load_config
 from unislim.modeling.loading import load_model
-from unislim.modeling.families.digits import UniDigitsModModel
+from unislim.modeling.families import get_family
+from unislim.modeling.surgery.mod.layer import routed_layers, router_parameters
 from unislim.modeling.surgery.mod.schedule import mean_capacity
 from unislim.pipelines.context import StageContext
 from unislim.pipelines.graph import plan
@@ -45,8 +46,9 @@ def test_plan_wires_mod_after_score_and_leaves_the_default_pipeline_alone():
     default = load_config("pipeline.yaml")
     assert not default.mod.enabled and "mod" not in [s.id for s in plan(default)]
     specs = {s.id: s for s in plan(load_config(data=tiny_pipeline(mod=MOD)))}
-    assert specs["mod"].inputs == {"checkpoint": ("pretrain", "checkpoint"), "scores": ("score", "scores")}
-    assert specs["evaluate-mod"].inputs == {"checkpoint": ("mod", "checkpoint")}
+    assert specs["mod"].inputs == {"checkpoint": ("pretrain", "checkpoint"), "scores": ("score", "scores"),
+                                   "train": ("shard", "train"), "tasks": ("shard", "tasks")}
+    assert specs["evaluate-mod"].inputs["checkpoint"] == ("mod", "checkpoint")
     table = load_config(data=tiny_pipeline(mod={**MOD, "schedule": "table", "table": {"gen": [0.5, 0.5]}}))
     assert "scores" not in {s.id: s for s in plan(table)}["mod"].inputs
 
@@ -58,8 +60,12 @@ def test_mod_checkpoint_has_trained_routers_and_counted_savings(mod_run):
     assert schedule["routing"] == "task" and set(schedule["capacity"]) == {"und", "gen"}
     assert schedule["mean_capacity"] == pytest.approx(0.75, abs=1e-3)
     model = load_model(out / "checkpoint")
-    assert isinstance(model, UniDigitsModModel) and model.config.mod_capacity == schedule["capacity"]
-    assert any(p.abs().sum() > 0 for p in model.router_parameters())  # routers start at zero: they trained
+    op = model.config.unislim["surgery"][-1]
+    assert op["op"] == "mod" and len(routed_layers(model)) > 0
+    caps = {(name, t): c for name, tasks in op["layers"].items() for t, c in tasks.items()}
+    assert caps == {(f"model.layers.{i}", t): c for t, layer_caps in schedule["capacity"].items()
+                    for i, c in enumerate(layer_caps) if c < 1.0}
+    assert any(p.abs().sum() > 0 for p in router_parameters(model))  # routers start at zero: they trained
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0.1 < metrics["mod/train_flops_saved"] < 0.5  # ~1 - 0.75 of the layers' work (plus the n² part)
     assert metrics["mod/train_flops_per_step"] < metrics["mod/dense_train_flops_per_step"]
@@ -82,30 +88,33 @@ def test_artifacts_reach_mlflow(mod_run):
 def test_task_agnostic_baseline_has_one_capacity_at_the_same_budget(mod_run):
     cfg, _, result = mod_run
     scores = _out(result, "score") / "scores"
-    config = load_model(_out(result, "pretrain") / "checkpoint").config
-    aware, info = mod_stage.mod_fields(cfg.mod, config, scores)
-    agnostic, info_shared = mod_stage.mod_fields(cfg.mod.model_copy(update={"routing": "shared"}), config, scores)
-    assert agnostic["mod_capacity"]["und"] == agnostic["mod_capacity"]["gen"]
-    assert aware["mod_capacity"]["und"] != aware["mod_capacity"]["gen"]
-    assert mean_capacity(agnostic["mod_capacity"], info["weights"]) == pytest.approx(
-        mean_capacity(aware["mod_capacity"], info["weights"]), abs=1e-3)
     dense = load_model(_out(result, "pretrain") / "checkpoint")
-    shared = UniDigitsModModel.from_dense(dense, **agnostic)
-    assert all(list(layer.mod_routers) in (["shared"], []) for layer in shared.model.layers)
+    family, kinds, mix = get_family("digits"), {"und": "und", "gen": "gen"}, {"und": 0.5, "gen": 0.5}
+    aware, info = mod_stage.mod_prepare(cfg.mod, family, dense, kinds, mix, scores)
+    agnostic, _ = mod_stage.mod_prepare(cfg.mod.model_copy(update={"routing": "shared"}), family, dense, kinds, mix,
+                                        scores)
+    assert agnostic["capacity_by_layer"]["und"] == agnostic["capacity_by_layer"]["gen"]
+    assert aware["capacity_by_layer"]["und"] != aware["capacity_by_layer"]["gen"]
+    assert mean_capacity(agnostic["capacity_by_layer"], info["weights"]) == pytest.approx(
+        mean_capacity(aware["capacity_by_layer"], info["weights"]), abs=1e-3)
+    assert agnostic["routing"] == "shared" and aware["causal_tasks"] == ["und"] and aware["keep_last"] == {"und": 4}
 
 
 def test_a_rerun_resumes_from_the_last_checkpoint(mod_run, tmp_path):
     """The same Ray Train run name (stage + key) picks up the last checkpoint: 4 steps, then 8."""
     cfg, runs, result = mod_run
     inputs = {"checkpoint": SimpleNamespace(path=str(_out(result, "pretrain") / "checkpoint")),
-              "scores": SimpleNamespace(path=str(_out(result, "score") / "scores"))}
+              "scores": SimpleNamespace(path=str(_out(result, "score") / "scores")),
+              "train": SimpleNamespace(path=str(_out(result, "shard") / "train")),
+              "tasks": SimpleNamespace(path=str(_out(result, "shard") / "tasks.json"))}
     ctx = StageContext(stage="mod", key="resume-test", out_dir=tmp_path / "a", runs_dir=tmp_path)
     (tmp_path / "a").mkdir()
-    short = SimpleNamespace(seed=0, mod=cfg.mod.model_copy(update={"steps": 4, "num_workers": 1}))
+    common = {"seed": 0, "model": cfg.model, "mix": {"und": 0.5, "gen": 0.5}}
+    short = SimpleNamespace(**common, mod=cfg.mod.model_copy(update={"steps": 4, "num_workers": 1}))
     mod_stage.run(short, inputs, ctx)
     ctx.out_dir = tmp_path / "b"
     (tmp_path / "b").mkdir()
-    longer = SimpleNamespace(seed=0, mod=cfg.mod.model_copy(update={"steps": 8, "num_workers": 1}))
+    longer = SimpleNamespace(**common, mod=cfg.mod.model_copy(update={"steps": 8, "num_workers": 1}))
     mod_stage.run(longer, inputs, ctx)
     state = json.loads((tmp_path / "b" / "history.json").read_text())
     assert [h["step"] for h in state["history"]] == [2, 4, 6, 8]

@@ -35,3 +35,21 @@ def test_checkpoint_reloads_with_identical_outputs(tiny_run):
                        trained.generate_images(prompts, steps=3, generator=g2))
     snapshot = out / "snapshots" / "step-4"  # 10% of 40 steps
     assert AutoModel.from_pretrained(snapshot).num_parameters() == reloaded.num_parameters()
+
+
+def test_pretrain_reads_its_batches_from_the_ray_data_shards(tiny_run):
+    """The rows of the first step are rows of the shard stage's train/ Parquet (not batches drawn in
+    the worker), in the proportions of the mix."""
+    import pyarrow.parquet as pq
+
+    from unislim.pipelines.training import row_fingerprints
+    from unislim.modeling.evaluation import columns
+
+    _, result = tiny_run
+    log = json.loads((Path(result.stages["pretrain"].manifest.dir) / "history.json").read_text())
+    assert log["data"]["rows_per_step"] == {"und": 8, "gen": 8}  # batch 16, mix 0.5 / 0.5
+    train = Path(result.stages["shard"].manifest.dir) / "train"
+    for task, seen in log["data"]["first_rows"].items():
+        table = pq.read_table(sorted((train / task).glob("*.parquet")))
+        written = set(row_fingerprints(columns(table)))
+        assert len(seen) == 8 and set(seen) <= written, task

@@ -12,8 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from unislim.config import CalibrationTask, ModelConfig, ScoreConfig, ShardConfig
-from unislim.modeling.calibration import run_batch
+from unislim.config import CalibrationTask, DataConfig, ModelConfig, ScoreConfig, ShardConfig
+from tests.conftest import stage_config, tiny_pipeline
+from unislim.modeling.families import get_family
 from unislim.modeling.loading import load_model
 from unislim.pipelines.context import StageContext
 from unislim.pipelines.store import Artifact
@@ -29,7 +30,7 @@ def _artifact(path) -> Artifact:
 @pytest.fixture(scope="module")
 def calib(tiny_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("shard")
-    cfg = SimpleNamespace(shard=ShardConfig(n=10, rows_per_file=3))
+    cfg = stage_config(tiny_pipeline(shard={"n": 10, "rows_per_file": 3}), "shard")
     outputs = shard.run(cfg, {}, StageContext.local("shard", out))
     return {k: _artifact(out / v) for k, v in outputs.items()}
 
@@ -66,14 +67,14 @@ def test_one_and_two_workers_agree_and_neuron_score_is_direct(tiny_run, calib, t
     down = model.model.layers[1].mlp.down_proj
     handle = down.register_forward_pre_hook(lambda m, a: captured.append(a[0].detach()))
 
-    class _Mask:  # run_batch sets these; nothing else is recorded here
+    class _Mask:  # the family's calibrate sets these; nothing else is recorded here
         token_mask = None
         bucket = None
 
     recorder = _Mask()
     masks = []
     for start in range(0, table.num_rows, 4):
-        run_batch(model, "und", table.slice(start, 4).to_pydict(), recorder)
+        get_family("digits").calibrate(model, "und", table.slice(start, 4).to_pydict(), recorder)
         masks.append(recorder.token_mask)
     handle.remove()
     h = torch.cat([c[m] for c, m in zip(captured, masks)]).double()  # (N, ff) real tokens only
@@ -84,11 +85,13 @@ def test_one_and_two_workers_agree_and_neuron_score_is_direct(tiny_run, calib, t
 def test_bad_user_parquet_is_named(tmp_path, ray_cluster):
     bad = tmp_path / "bad.parquet"
     pq.write_table(pa.table({"text": ["a", "b"]}), bad)
-    cfg = SimpleNamespace(shard=ShardConfig(tasks=[CalibrationTask(name="mine", kind="text", source="parquet",
-                                                                   path=str(bad))]))
+    def cfg(task):
+        return SimpleNamespace(shard=ShardConfig(tasks=[task]), data=DataConfig(), training_tasks=[], train_rows={},
+                               family="causal_lm")
+
     with pytest.raises(ValueError, match=r"shard.tasks\[mine\] \(.*bad.parquet\).*missing \['input_ids'\]"):
-        shard.run(cfg, {}, StageContext.local("shard", tmp_path / "o"))
-    missing = SimpleNamespace(shard=ShardConfig(tasks=[CalibrationTask(name="gone", kind="text", source="parquet",
-                                                                       path=str(tmp_path / "nope"))]))
+        shard.run(cfg(CalibrationTask(name="mine", kind="text", source="parquet", path=str(bad))), {},
+                  StageContext.local("shard", tmp_path / "o"))
+    missing = cfg(CalibrationTask(name="gone", kind="text", source="parquet", path=str(tmp_path / "nope")))
     with pytest.raises(FileNotFoundError, match=r"shard.tasks\[gone\]"):
         shard.run(missing, {}, StageContext.local("shard", tmp_path / "o2"))

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..base import ContinuousOutputs, DataError, Family, Rows, TaskKind, TokenOutputs
+from ..base import ContinuousOutputs, DataError, Family, Rows, TaskKind, TokenOutputs, step_bucket
 from .configuration_unidigits import UniDigitsConfig
 from .modeling_unidigits import GEN_SUFFIX
 
@@ -147,7 +147,7 @@ class DigitsFamily(Family):
         recorder.token_mask = keys
         for i in range(gen_steps):  # the Euler loop of `generate_images`, with a bucket per step
             t, t_next = 1.0 - i / gen_steps, 1.0 - (i + 1) / gen_steps
-            recorder.bucket = str(min(buckets - 1, i * buckets // gen_steps))
+            recorder.bucket = str(step_bucket(i, gen_steps, buckets))
             x = x + (t_next - t) * model.denoise_velocity(x, t, prompts, cfg)
         recorder.bucket = None
         return len(prompts)
