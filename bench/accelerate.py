@@ -28,7 +28,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 import torch  # noqa: E402
 
 from unislim.config import load_config  # noqa: E402
-from unislim.modeling.accelerate import latency_ms, variants  # noqa: E402
+from unislim.modeling.families.digits.accelerate_compare import latency_ms, variants  # noqa: E402
 from unislim.modeling.loading import load_model  # noqa: E402
 from unislim.pipelines.context import StageContext  # noqa: E402
 from unislim.pipelines.store import Artifact  # noqa: E402

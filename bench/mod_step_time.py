@@ -43,26 +43,40 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
+    import copy
+
     from unislim.config import ModConfig
+    from unislim.modeling.families import get_family
+    from unislim.modeling.families.digits import make_batch
     from unislim.modeling.loading import load_model
-    from unislim.modeling.families.digits import UniDigitsModModel
-    from unislim.modeling.families.digits import make_batch, make_optimizer
-    from unislim.stages.mod import cost, mod_fields
+    from unislim.modeling.surgery.mod.layer import add_mod
+    from unislim.pipelines.training import make_optimizer
+    from unislim.stages.mod import mod_prepare
 
     import yaml
 
+    from unislim.modeling.flops import count_flops
+
     extra = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in args.set)}
+    mix = extra.pop("mix", None) or {"und": 0.5, "gen": 0.5}
+    und_fraction = mix["und"] / sum(mix.values())
     torch.set_num_threads(args.threads)
+    family = get_family("digits")
     dense = load_model(args.checkpoint).train()
     models = {"dense": dense}
     for name, routing in (("task-agnostic", "shared"), ("task-aware", "task")):
         m = ModConfig(enabled=True, routing=routing, budget=args.budget, **extra)
-        fields, _ = mod_fields(m, dense.config, Path(args.scores))
-        models[name] = UniDigitsModModel.from_dense(load_model(args.checkpoint), **fields).train()
-    optimizers = {n: make_optimizer(model, 1e-4, args.warmup + args.steps)[0] for n, model in models.items()}
-    und_fraction = extra.get("und_fraction", 0.5)
-    flops = {n: cost(dense, model, args.batch_size, und_fraction)["mod/train_flops_per_step"]
-             for n, model in models.items()}
+        prepare, _ = mod_prepare(m, family, dense, {"und": "und", "gen": "gen"}, mix, Path(args.scores))
+        model = copy.deepcopy(dense)
+        adapter = family.adapter(model)
+        family.stamp(model, adapter)
+        add_mod(model, adapter, {t: {int(i): c for i, c in caps.items()} for t, caps in prepare["capacity"].items()},
+                routing_mode=prepare["routing"], causal_tasks=tuple(prepare["causal_tasks"]),
+                keep_last=prepare["keep_last"], aux_weight=prepare["aux_weight"])
+        models[name] = model.train()
+    optimizers = {n: make_optimizer(model, 1e-4, args.warmup + args.steps, args.warmup)[0] for n, model in models.items()}
+    fixed = make_batch(args.batch_size, torch.Generator().manual_seed(0), und_fraction=und_fraction)
+    flops = {n: 3 * count_flops(lambda m=model: family.loss(m, fixed)) for n, model in models.items()}
 
     times: dict[str, list[float]] = {n: [] for n in models}
     names = list(models)
@@ -71,9 +85,9 @@ def main() -> None:
         for name in names[step % 3:] + names[: step % 3]:
             model, opt = models[name], optimizers[name]
             t0 = time.perf_counter()
-            out = model(**batch)
+            loss, _ = family.loss(model, batch)
             opt.zero_grad(set_to_none=True)
-            out.loss.backward()
+            loss.backward()
             opt.step()
             if step >= args.warmup:
                 times[name].append(time.perf_counter() - t0)

@@ -230,16 +230,15 @@ ADAPTERS: dict[str, Adapter] = {
     "phi": Adapter("phi", mlp_proj={"gate": None, "up": "fc1", "down": "fc2"}, mlp_act="activation_fn",
                    attn_proj={"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "dense"}),
     "bagel": Adapter("bagel", layers="language_model.model.layers", **_MOT),  # BAGEL's Qwen2-MoT naming
-    "unidigits-shared": Adapter("unidigits-shared"),
-    "unidigits-mot": Adapter("unidigits-mot", **_MOT),
-}
+}  # families add their own (the digits family: its shared and mot variants)
+
+MOT = _MOT  # the mixture-of-transformers naming, for families that register a MoT adapter
 
 
 def builtin_key(config) -> str:
-    key = config.model_type
-    if key == "unidigits":
-        key = f"unidigits-{config.variant}"
-    return key
+    """The built-in table's key for a config: `config.adapter_key` where a config defines one (a
+    model type with variants), else its `model_type`."""
+    return getattr(config, "adapter_key", None) or config.model_type
 
 
 def adapter_for(model: nn.Module, override: dict[str, Any] | None = None) -> Adapter:

@@ -158,7 +158,7 @@ def _check_shapes(folder: Path, config: dict[str, Any], tensors: dict[str, Tenso
     import torch
     from transformers import AutoConfig
 
-    import unislim.modeling.families.digits  # noqa: F401  (registers unidigits* with AutoConfig/AutoModel)
+    import unislim.modeling.families  # noqa: F401  (families register their model classes with the Auto classes)
 
     model_type = config["model_type"]
     try:

@@ -25,7 +25,7 @@ def read_config(path: str | Path, trust_remote_code: bool = False):
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a Hugging Face checkpoint folder (no config.json)")
-    import unislim.modeling.families.digits  # noqa: F401  (registers unidigits with AutoConfig/AutoModel)
+    import unislim.modeling.families  # noqa: F401  (families register their model classes with the Auto classes)
 
     return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
 

@@ -156,8 +156,12 @@ def code_hash(module: str) -> str:
             name = str(path.resolve().relative_to(root))
         except ValueError:
             name = path.name
-        parts.append(f"{name}\n{path.read_text()}")
+        parts.append(f"{name}\n{_source(path)}")
     return _sha("".join(parts))[:16]
+
+
+def _source(path: Path) -> str:
+    return path.read_text()
 
 
 def cache_key(stage: str, config_slice: dict[str, Any], inputs: dict[str, str], module: Any) -> str:

@@ -76,16 +76,29 @@ def fit(loop: Callable[[dict], None], config: dict[str, Any], ctx: StageContext,
     return result
 
 
+IN_DRIVER_BYTES = 256 << 20  # training shards up to this size are read by the stage driver itself
+
+
 def training_datasets(train_dir: str | Path, tasks: dict[str, dict]) -> dict:
-    """One Ray Dataset per training task (`train/<task>/part-*.parquet` of the shard stage), read
-    into the object store now: once the workers hold the cluster's CPUs, a read task could never be
-    scheduled (the workers would wait for their shards forever); splitting materialized blocks
-    needs no CPU."""
+    """One Ray Dataset per training task (`train/<task>/part-*.parquet` of the shard stage), its
+    blocks in the object store before the workers start: once the workers hold the cluster's CPUs a
+    read task could never be scheduled (they would wait for their shards forever), and splitting
+    blocks that exist needs no CPU. Small shards (the usual case) are read here with pyarrow —
+    starting Ray Data read tasks costs more than reading them — larger ones by Ray Data's readers."""
+    import pyarrow.parquet as pq
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
-    return {name: ray.data.read_parquet(str(Path(train_dir) / name)).materialize() for name, info in tasks.items()
-            if "train_rows" in info}
+    out = {}
+    for name, info in tasks.items():
+        if "train_rows" not in info:
+            continue
+        files = sorted((Path(train_dir) / name).glob("*.parquet"))
+        if sum(f.stat().st_size for f in files) <= IN_DRIVER_BYTES:
+            out[name] = ray.data.from_arrow([pq.read_table(f) for f in files])
+        else:
+            out[name] = ray.data.read_parquet([str(f) for f in files]).materialize()
+    return out
 
 
 def train(ctx: StageContext, spec: dict[str, Any], inputs: dict, section: Any, *, name_suffix: str = "",

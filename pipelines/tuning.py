@@ -32,6 +32,21 @@ def experiment_path(ctx: StageContext) -> Path:
     return Path(tune_storage(ctx)) / f"{ctx.stage}-{ctx.key}"
 
 
+def fitting_cpus_per_worker(num_workers: int, cpus_per_worker: float, ctx: StageContext) -> float | None:
+    """A trial's trainer asks for num_workers x cpus_per_worker CPUs beside the trial's own
+    `TRIAL_CPUS`; when that cannot fit the cluster (2 workers of 1 CPU on 2 CPUs), the per-worker
+    request shrinks just enough (the threads a worker runs are unchanged). None: it fits as is."""
+    total = ray.cluster_resources().get("CPU", 0)
+    if num_workers * cpus_per_worker + TRIAL_CPUS <= total + 1e-9:
+        return None
+    shrunk = math.floor((total - TRIAL_CPUS) / num_workers * 1e4) / 1e4
+    if shrunk <= 0:
+        return None  # it cannot fit at all: Ray says so when the trainer starts
+    ctx.progress(f"search: trial trainers ask for {shrunk} CPU per worker ({num_workers} workers beside each "
+                 f"trial's {TRIAL_CPUS} CPU on a {total:g}-CPU cluster)")
+    return shrunk
+
+
 def auto_concurrency(trainer_cpus: float, trainer_gpus: float, num_trials: int) -> int:
     """Trials that fit at once: the cluster's CPUs (and GPUs) over one trial trainer's request."""
     total = ray.cluster_resources()

@@ -64,6 +64,7 @@ class TrialSetup:
     heldout: Artifact  # ... and held-out rows (trials are evaluated on them)
     tasks: Artifact
     mix: dict  # task -> share of each training batch
+    trial_cpus_per_worker: float | None  # a trial trainer's per-worker CPUs, shrunk to fit beside the trials
     work_dir: str
     runs_dir: str
     dense: dict  # the source model's evaluation (the reference of relative cost)
@@ -83,7 +84,10 @@ def run(cfg: Any, inputs: dict, ctx: Any) -> dict[str, str]:
             for k in ("seed", "model", "partition", "adapt", "evaluate")}
     setup = TrialSetup(key=ctx.key, keys=tuple(s.space), base=base, search=s.model_dump(mode="json"),
                        scores=inputs["scores"], checkpoint=inputs["checkpoint"], train=inputs["train"],
-                       heldout=inputs["heldout"], tasks=inputs["tasks"], mix=cfg.mix, work_dir=str(work),
+                       heldout=inputs["heldout"], tasks=inputs["tasks"], mix=cfg.mix,
+                       trial_cpus_per_worker=tuning.fitting_cpus_per_worker(cfg.adapt.num_workers,
+                                                                            cfg.adapt.cpus_per_worker, ctx),
+                       work_dir=str(work),
                        runs_dir=str(ctx.runs_dir), dense=dense, tracking_uri=ctx.tracking_uri,
                        experiment_id=_experiment_id(ctx), parent_run_id=ctx.run_id)
 
@@ -225,6 +229,8 @@ def run_trial(config: dict, setup: TrialSetup) -> None:
                        tracking_uri=setup.tracking_uri, run_id=run_id)
     try:
         p, a = _trial_sections(setup.base, values)
+        if setup.trial_cpus_per_worker is not None:
+            a = a.model_copy(update={"cpus_per_worker": setup.trial_cpus_per_worker})
     except ValueError as e:  # a combination the config rejects: reported, not run
         ctx.progress(f"invalid: {e}")
         if run_id:

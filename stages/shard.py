@@ -1,4 +1,4 @@
-"""Stage `shard`: every row the pipeline reads, as Parquet shards written with Ray Data.
+"""Stage `shard`: every row the pipeline reads, as Parquet shards (read back with Ray Data).
 
 For each calibration task of `shard.tasks`: `n` rows (drawn from the family's own data, or the first
 `n` of the user's Parquet) → `calib/<task>/part-*.parquet`. For each training task of `data.tasks`
@@ -23,24 +23,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import ray.data
-from ray.data import SaveMode
-from ray.data.datasource import FilenameProvider
 
 from unislim.modeling.families import DataError, get_family
 
 
-class _PartNames(FilenameProvider):
-    def __init__(self):
-        super().__init__(file_format="parquet")
-
-    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
-        return f"part-{task_index:05d}.parquet"
-
-
 def run(cfg: Any, inputs: dict, ctx: Any) -> dict[str, str]:
     sh, data = cfg.shard, cfg.data
-    ray.data.DataContext.get_current().enable_progress_bars = False  # stage progress lines instead
     family = get_family(cfg.family)
     model_config = _model_config(inputs)
     out = Path(ctx.out_dir)
@@ -98,9 +86,12 @@ def _model_config(inputs: dict):
 
 
 def _write(table: pa.Table, folder: Path, rows_per_file: int) -> None:
-    n_files = max(1, -(-table.num_rows // rows_per_file))
-    ds = ray.data.from_arrow(table).repartition(n_files)
-    ds.write_parquet(str(folder), filename_provider=_PartNames(), mode=SaveMode.OVERWRITE)  # a fresh folder
+    """`folder/part-00000.parquet`, ... of `rows_per_file` rows each, in row order. Written here with
+    pyarrow: the table is already in this process, and starting a Ray Data job per folder costs
+    seconds; the stages that read the shards (training, scoring) read them with Ray Data."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, start in enumerate(range(0, max(table.num_rows, 1), rows_per_file)):
+        pq.write_table(table.slice(start, rows_per_file), folder / f"part-{i:05d}.parquet")
 
 
 def _task_salt(name: str) -> int:

@@ -21,6 +21,43 @@ def test_cache_key_depends_on_config_inputs_and_code():
     assert base != cache_key("evaluate", {"evaluate": {"steps": 20}}, {"checkpoint": "abc"}, stage_b)
 
 
+@pytest.mark.parametrize("stage,changed", [("adapt", "pipelines/training.py"), ("prune", "stages/prune.py"),
+                                           ("partition", "modeling/surgery/moe/mlp.py"),
+                                           ("evaluate", "modeling/families/digits/family.py"),
+                                           ("search", "stages/adapt.py")])
+def test_cache_key_covers_every_unislim_module_a_stage_imports(stage, changed, monkeypatch):
+    """An edit to any module a stage runs (imported anywhere in it, transitively) changes its key."""
+    from pathlib import Path
+
+    from unislim.pipelines import store
+
+    module = f"unislim.stages.{stage}"
+    root = Path(store.__file__).resolve().parents[1]
+    assert root / changed in store.code_closure(module)
+    before = cache_key(stage, {}, {}, module)
+    original = store._source
+    monkeypatch.setattr(store, "_source", lambda p: original(p) + ("\n# edited" if p == root / changed else ""))
+    assert cache_key(stage, {}, {}, module) != before
+    unrelated = "stages/mod.py" if stage != "search" else "stages/accelerate.py"
+    assert root / unrelated not in store.code_closure(module)
+
+
+def test_cache_key_changes_with_the_adapter():
+    """model.adapter is part of the `model` section every stage that reads a model keys on."""
+    from tests.conftest import tiny_pipeline
+    from unislim.config import load_config
+    from unislim.pipelines.graph import plan
+
+    def keys(adapter):
+        cfg = load_config(data=tiny_pipeline(model={"adapter": adapter}))
+        return {s.id: cache_key(s.id, s.config_slice(cfg), {}, s.module.__name__) for s in plan(cfg)}
+
+    plain, custom = keys(None), keys({"mlp_act": "act_fn"})
+    for stage in ("score", "prune", "evaluate", "pretrain"):
+        assert plain[stage] != custom[stage], stage
+    assert plain["shard"] == custom["shard"]  # reads no model
+
+
 def test_commit_is_atomic_and_complete(tmp_path):
     with StageOutput(tmp_path, "s", "k1") as out:
         (out.tmp / "a.txt").write_text("hello")

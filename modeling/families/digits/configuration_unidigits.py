@@ -87,6 +87,11 @@ class UniDigitsConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
 
     @property
+    def adapter_key(self) -> str:
+        """The built-in adapter of this variant (`modeling.adapters.ADAPTERS`)."""
+        return f"unidigits-{self.variant}"
+
+    @property
     def vocab_size(self) -> int:
         return len(self.vocab)
 

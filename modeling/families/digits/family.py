@@ -16,11 +16,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from unislim.modeling.adapters import ADAPTERS, MOT, Adapter
+
 from ..base import ContinuousOutputs, DataError, Family, Rows, TaskKind, TokenOutputs, step_bucket
 from .configuration_unidigits import UniDigitsConfig
 from .modeling_unidigits import GEN_SUFFIX
 
 IMAGE_VALUES = 128  # 8 x 16 pixels in [-1, 1]
+
+ADAPTERS.update({"unidigits-shared": Adapter("unidigits-shared"), "unidigits-mot": Adapter("unidigits-mot", **MOT)})
 
 
 class DigitsFamily(Family):
