@@ -104,3 +104,22 @@ def apply_recorded(model: torch.nn.Module) -> torch.nn.Module:
     """Rebuild recorded surgery on a model built from its config (e.g. `Model(config)` in a test)."""
     record.rebuild(model)
     return model
+
+
+_MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+                "unislim.json")
+
+
+def carry_files(source: str | Path, dest: str | Path) -> list[str]:
+    """Copy what a checkpoint folder holds besides the model — tokenizer, processor, chat template,
+    README — from `source` into the checkpoint written at `dest`, where `dest` has no such file:
+    a pruned or adapted checkpoint stays usable with its own tokenizer and processor."""
+    import shutil
+
+    source, dest = Path(source), Path(dest)
+    copied = []
+    for f in sorted(source.iterdir()):
+        if f.is_file() and f.name not in _MODEL_FILES and not f.name.startswith("model-") and not (dest / f.name).exists():
+            shutil.copy2(f, dest / f.name)
+            copied.append(f.name)
+    return copied

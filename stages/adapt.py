@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from unislim.modeling.families import from_model_config
+from unislim.modeling.loading import carry_files
 from unislim.modeling.surgery.record import ops
 from unislim.pipelines import training
 
@@ -53,6 +54,7 @@ def run(cfg: Any, inputs: dict, ctx: Any) -> dict[str, str]:
         target = out / ("checkpoint" if last else f"checkpoint-{phase}")
         shutil.move(str(folder / "model"), target)
         shutil.rmtree(folder, ignore_errors=True)
+        carry_files(source, target)
         history[phase], resumed[phase], data[phase] = state["history"], state["resumes"], state.get("data", {})
         description = f"adapt:{phase}:{_source_description(source)}"
         (target / "unislim.json").write_text(json.dumps({"description": description, "stage": "adapt"}))

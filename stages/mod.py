@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 import torch
 
 from unislim.modeling.families import from_model_config
+from unislim.modeling.loading import carry_files
 from unislim.modeling.flops import count_flops
 from unislim.modeling.scores import by_kind
 from unislim.modeling.surgery.mod.layer import route_state, routed_layers
@@ -57,6 +58,7 @@ def run(cfg: Any, inputs: dict, ctx: Any) -> dict[str, str]:
     folder, state = training.train(ctx, spec, inputs, m)
     shutil.move(str(folder / "model"), out / "checkpoint")
     shutil.rmtree(folder, ignore_errors=True)
+    carry_files(source, out / "checkpoint")
     (out / "checkpoint" / "unislim.json").write_text(json.dumps({"description": description, "stage": "mod"}))
     (out / "history.json").write_text(json.dumps({"history": state["history"], "resumed_from": state["resumes"]}))
     model = family.load(out / "checkpoint")  # reloads through its family, routers rebuilt

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from unislim.modeling.families import from_model_config
-from unislim.modeling.loading import load_model
+from unislim.modeling.loading import carry_files, load_model
 from unislim.modeling.scores import calibration_scores
 from unislim.modeling.surgery.moe.convert import convert_to_moe
 
@@ -48,6 +48,7 @@ def run(cfg: Any, inputs: dict, ctx: Any) -> dict[str, str]:
 
     out = Path(ctx.out_dir)
     model.save_pretrained(out / "checkpoint")
+    carry_files(inputs["checkpoint"].path, out / "checkpoint")
     description = f"partition:{p.component}:E={p.num_experts},S={p.num_shared},k={p.top_k}"
     (out / "checkpoint" / "unislim.json").write_text(json.dumps({"description": description, "stage": "partition"}))
     reloaded = load_model(out / "checkpoint", family=family)  # it reloads, before we say so

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from unislim.modeling.families import from_model_config
-from unislim.modeling.loading import load_model
+from unislim.modeling.loading import carry_files, load_model
 from unislim.modeling.scores import calibration_scores
 from unislim.modeling.surgery import prune as surgery
 from unislim.modeling.surgery.mod.layer import skip_layers
@@ -77,6 +77,7 @@ def run(cfg: Any, inputs: dict, ctx: Any) -> dict[str, str]:
 
     out = Path(ctx.out_dir)
     model.save_pretrained(out / "checkpoint")
+    carry_files(inputs["checkpoint"].path, out / "checkpoint")
     description = f"prune:{p.component}:{p.method}={p.sparsity:g}"
     (out / "checkpoint" / "unislim.json").write_text(json.dumps({"description": description, "stage": "prune"}))
     after = load_model(out / "checkpoint", family=family).num_parameters()  # it reloads

@@ -313,6 +313,9 @@ def _fit(spec: dict, ctx: StageContext, a: Any, phase: str, out: Path, setup: Tr
     folder, _ = training.train(ctx, spec, {"train": setup.train, "tasks": setup.tasks}, a, name_suffix=phase)
     shutil.move(str(folder / "model"), out / "checkpoint")
     shutil.rmtree(folder, ignore_errors=True)
+    from unislim.modeling.loading import carry_files
+
+    carry_files(spec["init"], out / "checkpoint")
     source = json.loads((Path(spec["init"]) / "unislim.json").read_text())["description"]
     (out / "checkpoint" / "unislim.json").write_text(json.dumps({"description": f"adapt:{phase}:{source}",
                                                                  "stage": "search"}))
