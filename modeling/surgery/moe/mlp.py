@@ -1,7 +1,7 @@
 """`MoEMLP`: a dense MLP cut into shared + routed experts (Slim & Sparse, arXiv 2512.02351 §4.2).
 
-A dense gated MLP of width ff is cut into E experts of f = ff / E neurons (a partition of its
-neurons, `partition.py`); S of them are shared (always on), R = E - S are routed, k per token:
+A dense MLP of width ff is cut into E experts of f = ff / E neurons (a partition of its neurons,
+`partition.py`); S of them are shared (always on), R = E - S are routed, k per token:
 
     MoE(x) = f_S(x) + sum_{j in TopK(router(x))} G_j f_Rj(x)                          (Eq. 9)
 
@@ -9,6 +9,11 @@ with the residual (straight-through) gate G = 1 + (p - p.detach()), p = softmax 
 logits: every selected expert contributes with weight exactly 1 in the forward, so with k = R the
 MoE *is* the dense MLP, while the router still receives the gradient of p. The experts are the
 dense weights, sliced and stacked: `w_gate`, `w_up` (E, f, d) and `w_down` (E, d, f).
+
+Gated (SwiGLU, Qwen2/Llama): f_e(x) = W_down_e (act(W_gate_e x) * (W_up_e x)). Ungated (fc1 -> act
+-> fc2, Phi/GPT-J/OPT): f_e(x) = W_down_e act(W_up_e x + b_up_e), no `w_gate`. Up and gate biases
+are per neuron, so they are cut with their neurons: `b_up`, `b_gate` (E, f). A down bias (d,)
+belongs to no expert: it is added once, `b_down`.
 """
 
 from __future__ import annotations
@@ -29,12 +34,17 @@ def grouped_mm_supported(d: int, f: int, dtype: torch.dtype) -> bool:
 
 
 class MoEMLP(nn.Module):
-    """A gated (SwiGLU) MLP split into S shared + R routed experts, top-k routing (Eq. 9).
+    """A gated or ungated MLP split into S shared + R routed experts, top-k routing (Eq. 9).
 
     impl: `loop` — a readable per-expert loop over tokens sorted by expert (the reference, CPU);
     `grouped` — the same sort, then one `grouped_mm` per projection over all experts (runs on CPU
     in fp32 and on CUDA; widths must keep 16-byte strides); `auto` — grouped on CUDA in bf16 when
     the widths allow, the loop otherwise.
+
+    gated: SwiGLU experts (`w_gate`, `w_up`, `w_down`); False: fc1 -> act -> fc2 (`w_gate` is None).
+    up_bias / gate_bias / down_bias: the dense MLP's biases, `b_up`, `b_gate` (E, f) cut with the
+    neurons, `b_down` (d,) added once (Llama's `mlp_bias` has all three, Phi/GPT-J up and down).
+    hidden_act: an `ACT2FN` name or the dense MLP's own activation module (e.g. `NewGELUActivation`).
 
     After each sparse forward: `last_load` (R,) long, routed slots per expert; in training also
     `aux_loss`, the Switch load-balancing loss R * sum_j f_j P_j (1.0 when perfectly balanced).
@@ -44,23 +54,33 @@ class MoEMLP(nn.Module):
     """
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, num_shared: int, top_k: int,
-                 impl: str = "auto", hidden_act: str = "silu"):
+                 impl: str = "auto", hidden_act: str | nn.Module = "silu", *, gated: bool = True,
+                 up_bias: bool = False, down_bias: bool = False, gate_bias: bool = False):
         super().__init__()
         if intermediate_size % num_experts:
             raise ValueError(f"num_experts={num_experts} must divide intermediate_size={intermediate_size}")
         if not 0 <= num_shared < num_experts or not 1 <= top_k <= num_experts - num_shared:
             raise ValueError(f"need 0 <= num_shared < num_experts and 1 <= top_k <= num_experts - num_shared "
                              f"(got num_experts={num_experts}, num_shared={num_shared}, top_k={top_k})")
+        if gate_bias and not gated:
+            raise ValueError("gate_bias=True needs gated=True (an ungated MLP has no gate projection)")
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
         d, E, f = hidden_size, num_experts, intermediate_size // num_experts
         self.hidden_size, self.expert_size = d, f
         self.num_experts, self.num_shared, self.top_k, self.impl = E, num_shared, top_k, impl
-        self.w_gate = nn.Parameter(torch.empty(E, f, d))
+        self.gated = gated
+        if gated:
+            self.w_gate = nn.Parameter(torch.empty(E, f, d))
+        else:
+            self.register_parameter("w_gate", None)
         self.w_up = nn.Parameter(torch.empty(E, f, d))
         self.w_down = nn.Parameter(torch.empty(E, d, f))
+        self.b_up = nn.Parameter(torch.zeros(E, f)) if up_bias else None
+        self.b_gate = nn.Parameter(torch.zeros(E, f)) if gate_bias else None
+        self.b_down = nn.Parameter(torch.zeros(d)) if down_bias else None
         self.router = nn.Linear(d, self.num_routed, bias=False)
-        self.act_fn = ACT2FN[hidden_act]
+        self.act_fn = ACT2FN[hidden_act] if isinstance(hidden_act, str) else hidden_act
         self.run_dense = False
         self.freeze_dense = False
         self.aux_loss: torch.Tensor | None = None
@@ -71,38 +91,70 @@ class MoEMLP(nn.Module):
     def num_routed(self) -> int:
         return self.num_experts - self.num_shared
 
+    @property
+    def num_projections(self) -> int:
+        """Matmuls per expert: 3 gated (gate, up, down), 2 ungated."""
+        return 3 if self.gated else 2
+
+    def expert_parameters(self) -> list[nn.Parameter]:
+        """The experts' weights and biases (shared and routed): what Expert-Frozen Tuning freezes.
+        The router is not among them."""
+        return [w for w in (self.w_gate, self.w_up, self.w_down, self.b_gate, self.b_up, self.b_down) if w is not None]
+
     def extra_repr(self) -> str:
+        kind = "gated" if self.gated else "ungated"
+        biases = (("gate", self.b_gate), ("up", self.b_up), ("down", self.b_down))
+        bias = "+".join(n for n, b in biases if b is not None)
         return (f"hidden={self.hidden_size}, experts={self.num_experts} x {self.expert_size} "
-                f"(shared {self.num_shared}), top_k={self.top_k}, impl={self.impl}")
+                f"(shared {self.num_shared}), top_k={self.top_k}, impl={self.impl}, {kind}"
+                + (f", bias={bias}" if bias else ""))
 
     # ------------------------------------------------------------ from a dense MLP
     @torch.no_grad()
-    def load_dense(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, partition: list[torch.Tensor]) -> None:
+    def load_dense(self, gate: torch.Tensor | None, up: torch.Tensor, down: torch.Tensor, partition: list[torch.Tensor],
+                   up_bias: torch.Tensor | None = None, down_bias: torch.Tensor | None = None,
+                   gate_bias: torch.Tensor | None = None) -> None:
         """Copies the dense weights, expert e = the neurons `partition[e]`, then `init_router()`.
 
-        gate, up (ff, d); down (d, ff) — `gate_proj.weight`, `up_proj.weight`, `down_proj.weight`.
+        gate, up (ff, d); down (d, ff) — `gate_proj.weight`, `up_proj.weight`, `down_proj.weight`
+        (ungated: gate=None, up = `fc1.weight`, down = `fc2.weight`). up_bias, gate_bias (ff,),
+        down_bias (d,): the biases, required exactly when the module was built with them.
         """
         if len(partition) != self.num_experts or any(len(p) != self.expert_size for p in partition):
             raise ValueError(f"partition must be {self.num_experts} experts of {self.expert_size} neurons, got "
                              f"{[len(p) for p in partition]}")
-        index = torch.stack([torch.as_tensor(p) for p in partition]).to(gate.device)  # (E, f)
-        self.w_gate.copy_(gate[index])  # (E, f, d)
+        for name, given, have in (("gate", gate, self.w_gate), ("up_bias", up_bias, self.b_up),
+                                  ("gate_bias", gate_bias, self.b_gate), ("down_bias", down_bias, self.b_down)):
+            if (given is None) != (have is None):
+                raise ValueError(f"{name} must be given exactly when the MoEMLP has it ({self.extra_repr()}; "
+                                 f"got {name}={'None' if given is None else 'a tensor'})")
+        index = torch.stack([torch.as_tensor(p) for p in partition]).to(up.device)  # (E, f)
+        if gate is not None:
+            self.w_gate.copy_(gate[index])  # (E, f, d)
         self.w_up.copy_(up[index])
         self.w_down.copy_(down[:, index].permute(1, 0, 2))  # (d, E, f) -> (E, d, f)
+        if up_bias is not None:
+            self.b_up.copy_(up_bias[index])  # (E, f)
+        if gate_bias is not None:
+            self.b_gate.copy_(gate_bias[index])
+        if down_bias is not None:
+            self.b_down.copy_(down_bias)
         self.init_router()
 
     @torch.no_grad()
     def init_router(self) -> None:
-        """Router row j = sum over the neurons i of routed expert j of ||W_down[:, i]|| * W_gate[i].
+        """Router row j = sum over the neurons i of routed expert j of ||W_down[:, i]|| * W_in[i],
+        W_in the gate projection (gated) or the up projection (ungated).
 
-        A linear estimate of how strongly expert j fires on x (a neuron contributes when its gate
-        pre-activation W_gate[i] x is large, in proportion to the norm of its output column), so
+        A linear estimate of how strongly expert j fires on x (a neuron contributes when its
+        pre-activation W_in[i] x is large, in proportion to the norm of its output column), so
         top-k already prefers the active experts at step 0 instead of breaking ties by index.
         Scaled so the rows have mean norm 1: logits of order 1 for unit-variance inputs.
         """
         S = self.num_shared
+        w_in = self.w_gate if self.gated else self.w_up
         down_norm = self.w_down[S:].float().norm(dim=1)  # (R, f)
-        rows = torch.einsum("rf,rfd->rd", down_norm, self.w_gate[S:].float())  # (R, d)
+        rows = torch.einsum("rf,rfd->rd", down_norm, w_in[S:].float())  # (R, d)
         rows = rows / rows.norm(dim=1).mean().clamp_min(1e-12)
         self.router.weight.copy_(rows)
 
@@ -117,7 +169,7 @@ class MoEMLP(nn.Module):
                  "xty": x.new_zeros(self.hidden_size, R, dtype=torch.float64),
                  "n": x.new_tensor(float(len(x)), dtype=torch.float64)}
         for xc in x.split(chunk):  # (n, d)
-            h = self.act_fn(F.linear(xc, self.w_gate[S:].flatten(0, 1))) * F.linear(xc, self.w_up[S:].flatten(0, 1))
+            h = self._hidden(xc, S, self.num_experts)  # (n, R * f)
             y = torch.einsum("nrf,rdf->nrd", h.view(len(xc), R, -1), self.w_down[S:]).norm(dim=-1)  # (n, R)
             stats["xtx"] += xc.double().T @ xc.double()
             stats["xty"] += xc.double().T @ y.double()
@@ -141,23 +193,25 @@ class MoEMLP(nn.Module):
         shape, d = x.shape, self.hidden_size
         x = x.reshape(-1, d)  # (N, d)
         N, S, E, f = x.shape[0], self.num_shared, self.num_experts, self.expert_size
+        per_expert = 2 * N * self.num_projections * d * f
         if dense:
-            self.extra_flops = 2 * N * 3 * d * f * E
-            return self._experts_dense(x, 0, E, detach=self.freeze_dense).view(shape)
+            self.extra_flops = per_expert * E
+            return self._add_down_bias(self._experts_dense(x, 0, E, detach=self.freeze_dense),
+                                       detach=self.freeze_dense).view(shape)
         out = self._experts_dense(x, 0, S)  # (N, d) the shared experts: one dense MLP of width S * f
         logits = self.router(x).float()  # (N, R)
         top = torch.sort(logits, dim=-1, descending=True, stable=True).indices[:, : self.top_k]  # (N, k) ties -> index
         p = torch.softmax(logits.gather(-1, top), dim=-1)  # (N, k)
         gate = (1.0 + (p - p.detach())).to(x.dtype)  # (N, k): exactly 1 forward, d/dp = 1 backward
         routed = self._routed_grouped if self._use_grouped(x) else self._routed_loop
-        out = out + routed(x, top, gate)
+        out = self._add_down_bias(out + routed(x, top, gate))
         load = torch.bincount(top.flatten(), minlength=self.num_routed)  # (R,)
         self.last_load = load.detach()
         if self.training and N > 0:
             frac = load.float() / (N * self.top_k)  # f_j: share of routed slots
             prob = torch.softmax(logits, dim=-1).mean(0)  # P_j: mean router probability
             self.aux_loss = self.num_routed * (frac * prob).sum()
-        self.extra_flops = 2 * N * 3 * d * f * (S + self.top_k)
+        self.extra_flops = per_expert * (S + self.top_k)
         return out.view(shape)
 
     def _use_grouped(self, x: torch.Tensor) -> bool:
@@ -171,14 +225,31 @@ class MoEMLP(nn.Module):
             return True
         return ok and x.is_cuda and x.dtype == torch.bfloat16
 
-    def _experts_dense(self, x: torch.Tensor, lo: int, hi: int, detach: bool = False) -> torch.Tensor:
-        """Experts lo..hi-1 as one dense MLP of width (hi - lo) * f.  x (N, d) -> (N, d)."""
+    def _add_down_bias(self, out: torch.Tensor, detach: bool = False) -> torch.Tensor:
+        if self.b_down is None:
+            return out
+        return out + (self.b_down.detach() if detach else self.b_down)
+
+    def _act(self, a_gate: torch.Tensor | None, a_up: torch.Tensor) -> torch.Tensor:
+        """The hidden activations from the pre-activations (bias included): act(gate) * up, or act(up)."""
+        return self.act_fn(a_up) if a_gate is None else self.act_fn(a_gate) * a_up
+
+    def _hidden(self, x: torch.Tensor, lo: int, hi: int, detach: bool = False) -> torch.Tensor:
+        """Hidden activations of experts lo..hi-1 on every row, (N, d) -> (N, (hi - lo) * f)."""
         d = self.hidden_size
-        w_gate, w_up, w_down = (w[lo:hi] for w in (self.w_gate, self.w_up, self.w_down))
+        w_gate, w_up, b_gate, b_up = (None if w is None else w[lo:hi]
+                                      for w in (self.w_gate, self.w_up, self.b_gate, self.b_up))
         if detach:
-            w_gate, w_up, w_down = w_gate.detach(), w_up.detach(), w_down.detach()
-        h = self.act_fn(F.linear(x, w_gate.reshape(-1, d))) * F.linear(x, w_up.reshape(-1, d))  # (N, n * f)
-        return F.linear(h, w_down.transpose(0, 1).reshape(d, -1))  # (d, n, f) -> (d, n * f)
+            w_gate, w_up, b_gate, b_up = (None if w is None else w.detach() for w in (w_gate, w_up, b_gate, b_up))
+        flat = lambda b: None if b is None else b.reshape(-1)  # noqa: E731
+        a_gate = None if w_gate is None else F.linear(x, w_gate.reshape(-1, d), flat(b_gate))
+        return self._act(a_gate, F.linear(x, w_up.reshape(-1, d), flat(b_up)))
+
+    def _experts_dense(self, x: torch.Tensor, lo: int, hi: int, detach: bool = False) -> torch.Tensor:
+        """Experts lo..hi-1 as one dense MLP of width (hi - lo) * f, no down bias.  x (N, d) -> (N, d)."""
+        w_down = self.w_down[lo:hi].detach() if detach else self.w_down[lo:hi]
+        h = self._hidden(x, lo, hi, detach)  # (N, n * f)
+        return F.linear(h, w_down.transpose(0, 1).reshape(self.hidden_size, -1))  # (d, n, f) -> (d, n * f)
 
     def _sorted_slots(self, top: torch.Tensor, gate: torch.Tensor):
         """The N * k (token, expert) slots sorted by expert: token index, gate, tokens per expert."""
@@ -197,7 +268,9 @@ class MoEMLP(nn.Module):
                 continue
             e, rows = self.num_shared + j, token[start : start + n]
             xj = x[rows]  # (n, d)
-            h = self.act_fn(F.linear(xj, self.w_gate[e])) * F.linear(xj, self.w_up[e])  # (n, f)
+            bias = lambda b: None if b is None else b[e]  # noqa: E731
+            a_gate = None if self.w_gate is None else F.linear(xj, self.w_gate[e], bias(self.b_gate))
+            h = self._act(a_gate, F.linear(xj, self.w_up[e], bias(self.b_up)))  # (n, f)
             out.index_add_(0, rows, F.linear(h, self.w_down[e]) * g[start : start + n, None])
             start += n
         return out
@@ -208,9 +281,11 @@ class MoEMLP(nn.Module):
         offs = torch.cumsum(counts, 0).to(torch.int32)  # (R,) group ends; offs[-1] = N * k
         xs = x[token]  # (N * k, d)
         S = self.num_shared
-        w_gate, w_up, w_down = (w[S:].transpose(-2, -1) for w in (self.w_gate, self.w_up, self.w_down))
-        h = self.act_fn(_grouped_mm(xs, w_gate, offs=offs)) * _grouped_mm(xs, w_up, offs=offs)  # (N * k, f)
-        ys = _grouped_mm(h, w_down, offs=offs)  # (N * k, d)
+        def project(w, b):  # (N * k, f); a bias: each slot its expert's
+            a = _grouped_mm(xs, w[S:].transpose(-2, -1), offs=offs)
+            return a if b is None else a + b[S:].repeat_interleave(counts, dim=0)
+
+        a_gate = None if self.w_gate is None else project(self.w_gate, self.b_gate)
+        a_up = project(self.w_up, self.b_up)
+        ys = _grouped_mm(self._act(a_gate, a_up), self.w_down[S:].transpose(-2, -1), offs=offs)  # (N * k, d)
         return torch.zeros_like(x).index_add_(0, token, ys * g[:, None])
-
-

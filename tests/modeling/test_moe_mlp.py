@@ -1,0 +1,201 @@
+"""`MoEMLP` alone: gated and ungated experts, biases, and every impl against the reference loop.
+
+Tiny widths on CPU (d 32, ff 96 cut into 8 experts of 12 neurons, 2 shared, 6 routed), so each
+test runs in milliseconds. Gradients are compared w.r.t. the input, every expert weight and bias,
+and the router.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+import torch.nn.functional as F
+from transformers.activations import NewGELUActivation
+
+from unislim.modeling.surgery.moe import MoEMLP, partition_neurons
+
+E, S, R, FF, D = 8, 2, 6, 96, 32
+VARIANTS = {  # name -> MoEMLP keyword args (and what the dense twin needs)
+    "gated": dict(gated=True),
+    "gated+bias": dict(gated=True, gate_bias=True, up_bias=True, down_bias=True),  # Llama mlp_bias
+    "gated+up_bias": dict(gated=True, up_bias=True),
+    "ungated": dict(gated=False),
+    "ungated+bias": dict(gated=False, up_bias=True, down_bias=True),
+    "ungated+down_bias": dict(gated=False, down_bias=True),
+}
+PARTS = partition_neurons(torch.rand(FF, generator=torch.Generator().manual_seed(3)), E, S)  # expert -> neurons
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+class DenseMLP(nn.Module):
+    """The dense twin: Qwen2MLP (gated) or a Phi/GPT-J MLP (fc1 -> act -> fc2), optional biases."""
+
+    def __init__(self, gated: bool, up_bias: bool = False, down_bias: bool = False, gate_bias: bool = False,
+                 seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.gate_proj = nn.Linear(D, FF, bias=gate_bias) if gated else None
+        self.up_proj = nn.Linear(D, FF, bias=up_bias)
+        self.down_proj = nn.Linear(FF, D, bias=down_bias)
+        self.act_fn = nn.SiLU() if gated else NewGELUActivation()
+        for p in self.parameters():
+            nn.init.normal_(p, std=0.3)
+
+    def forward(self, x):
+        if self.gate_proj is None:
+            return self.down_proj(self.act_fn(self.up_proj(x)))
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+def moe_from(dense: DenseMLP, impl: str = "loop", top_k: int = 3, **kw) -> MoEMLP:
+    gated = dense.gate_proj is not None
+    up_bias, down_bias = dense.up_proj.bias, dense.down_proj.bias
+    gate_bias = dense.gate_proj.bias if gated else None
+    mlp = MoEMLP(D, FF, E, S, top_k, impl=impl, hidden_act="silu" if gated else dense.act_fn, gated=gated,
+                 up_bias=up_bias is not None, down_bias=down_bias is not None, gate_bias=gate_bias is not None, **kw)
+    mlp.load_dense(dense.gate_proj.weight if gated else None, dense.up_proj.weight, dense.down_proj.weight, PARTS,
+                   up_bias=up_bias, down_bias=down_bias, gate_bias=gate_bias)
+    torch.nn.init.normal_(mlp.router.weight, generator=torch.Generator().manual_seed(4))  # spread routing
+    return mlp
+
+
+def inputs(n: int = 37, seed: int = 1) -> torch.Tensor:
+    return torch.randn(n, D, generator=torch.Generator().manual_seed(seed))
+
+
+def forward_backward(mlp: MoEMLP, x: torch.Tensor):
+    """Output, aux loss, load and the gradients (input, every parameter by name) of a fixed loss."""
+    mlp.zero_grad(set_to_none=True)
+    xi = x.clone().requires_grad_()
+    y = mlp.train()(xi)
+    (y * torch.linspace(-1, 1, D)).sum().backward()  # a non-uniform upstream gradient
+    grads = {"input": xi.grad, **{n: p.grad for n, p in mlp.named_parameters()}}
+    return y.detach(), mlp.aux_loss.detach(), mlp.last_load.clone(), grads
+
+
+def assert_same_step(a, b, atol=1e-5, rtol=1e-5):
+    torch.testing.assert_close(a[0], b[0], atol=atol, rtol=rtol)
+    torch.testing.assert_close(a[1], b[1])
+    assert torch.equal(a[2], b[2])
+    assert a[3].keys() == b[3].keys()
+    for name in a[3]:
+        assert a[3][name] is not None and b[3][name] is not None, name
+        torch.testing.assert_close(a[3][name], b[3][name], atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+
+
+# ------------------------------------------------------------------ ungated MLPs and biases
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("impl", ["loop", "grouped"])
+def test_all_experts_active_equals_the_dense_mlp(variant, impl):
+    dense = DenseMLP(**VARIANTS[variant])
+    x = inputs()
+    with torch.no_grad():
+        want = dense(x)
+        every = moe_from(dense, impl, top_k=R).eval()(x)  # sparse path, every routed expert selected
+        flag = moe_from(dense, impl, top_k=1).eval()(x, dense=True)  # the dense switch
+    torch.testing.assert_close(every, want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(flag, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_loop_and_grouped_agree_forward_and_gradients(variant):
+    dense, x = DenseMLP(**VARIANTS[variant]), inputs()
+    assert_same_step(forward_backward(moe_from(dense, "loop"), x), forward_backward(moe_from(dense, "grouped"), x))
+
+
+def test_a_sparse_forward_differs_from_dense_and_adds_the_down_bias_once():
+    dense = DenseMLP(gated=False, up_bias=True, down_bias=True)
+    mlp, x = moe_from(dense, top_k=2).eval(), inputs()
+    with torch.no_grad():
+        y = mlp(x)
+        assert (y - dense(x)).abs().max() > 1e-2  # 2 of 6 routed experts: not the dense MLP
+        mlp.b_down.add_(1.0)
+        torch.testing.assert_close(mlp(x), y + 1.0)
+
+
+def test_ungated_module_has_no_gate_and_gated_silu_keeps_its_state_dict_keys():
+    assert set(MoEMLP(D, FF, E, S, 2).state_dict()) == {"w_gate", "w_up", "w_down", "router.weight"}
+    ungated = MoEMLP(D, FF, E, S, 2, hidden_act=NewGELUActivation(), gated=False, up_bias=True, down_bias=True)
+    assert ungated.w_gate is None
+    assert set(ungated.state_dict()) == {"w_up", "w_down", "b_up", "b_down", "router.weight"}
+    f = FF // E
+    assert [tuple(p.shape) for p in ungated.expert_parameters()] == [(E, f, D), (E, D, f), (E, f), (D,)]
+    gated = MoEMLP(D, FF, E, S, 2)
+    assert gated.expert_parameters() == [gated.w_gate, gated.w_up, gated.w_down]
+
+
+def test_extra_flops_count_two_projections_when_ungated():
+    x = inputs(10)
+    for gated, proj in ((True, 3), (False, 2)):
+        mlp = MoEMLP(D, FF, E, S, 3, gated=gated, impl="loop")
+        mlp(x)
+        assert mlp.extra_flops == 2 * 10 * proj * D * (FF // E) * (S + 3)
+
+
+def test_load_dense_names_a_missing_or_unexpected_gate_or_bias():
+    parts = partition_neurons(torch.rand(FF), E, S)
+    w_in, w_out = torch.randn(FF, D), torch.randn(D, FF)
+    with pytest.raises(ValueError, match="gate must be given.*ungated"):
+        MoEMLP(D, FF, E, S, 2, gated=False).load_dense(w_in, w_in, w_out, parts)
+    with pytest.raises(ValueError, match="gate must be given.*, gated"):
+        MoEMLP(D, FF, E, S, 2).load_dense(None, w_in, w_out, parts)
+    with pytest.raises(ValueError, match="up_bias must be given"):
+        MoEMLP(D, FF, E, S, 2, up_bias=True).load_dense(w_in, w_in, w_out, parts)
+    with pytest.raises(ValueError, match="gate_bias must be given"):
+        MoEMLP(D, FF, E, S, 2, gate_bias=True).load_dense(w_in, w_in, w_out, parts)
+    with pytest.raises(ValueError, match="needs gated=True"):
+        MoEMLP(D, FF, E, S, 2, gated=False, gate_bias=True)
+    with pytest.raises(ValueError, match="down_bias must be given"):
+        MoEMLP(D, FF, E, S, 2).load_dense(w_in, w_in, w_out, parts, down_bias=torch.zeros(D))
+
+
+def _expert_output_norms(dense: DenseMLP, x: torch.Tensor) -> torch.Tensor:
+    """||f_Rj(x)|| from the dense MLP's own layers, masking all neurons but expert j's."""
+    cols = []
+    with torch.no_grad():
+        pre_up = dense.up_proj(x)  # bias included
+        h = dense.act_fn(pre_up) if dense.gate_proj is None else dense.act_fn(dense.gate_proj(x)) * pre_up  # (n, ff)
+        for j in range(S, E):
+            mask = torch.zeros(FF)
+            mask[PARTS[j]] = 1
+            cols.append(F.linear(h * mask, dense.down_proj.weight).norm(dim=-1))  # no down bias: shared
+    return torch.stack(cols, dim=-1)  # (n, R)
+
+
+@pytest.mark.parametrize("variant", ["gated", "ungated+bias"])
+def test_router_stats_hold_each_routed_experts_output_norm(variant):
+    dense, x = DenseMLP(**VARIANTS[variant]), inputs(50)
+    mlp = moe_from(dense)
+    stats = mlp.router_stats(x, chunk=16)  # several chunks
+    y = _expert_output_norms(dense, x).double()
+    torch.testing.assert_close(stats["xty"], x.double().T @ y, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats["xtx"], x.double().T @ x.double())
+    assert stats["n"] == 50
+
+
+def test_init_and_fitted_routers_of_an_ungated_mlp_prefer_the_experts_that_fire():
+    """The fitted router's top-3 must recover the truly largest experts far better than chance."""
+    dense = DenseMLP(gated=False, up_bias=True)
+    mlp = moe_from(dense)
+    x = inputs(400, seed=5)
+    mlp.fit_router(mlp.router_stats(x))
+    test = inputs(200, seed=6)
+    truth = _expert_output_norms(dense, test).topk(3, dim=-1).indices
+    with torch.no_grad():
+        fitted = mlp.router(test).topk(3, dim=-1).indices
+        mlp.init_router()
+        w_in = mlp.w_up[S:]  # ungated: the router estimate reads the up projection
+        want = torch.einsum("rf,rfd->rd", mlp.w_down[S:].norm(dim=1), w_in)
+        torch.testing.assert_close(mlp.router.weight, want / want.norm(dim=1).mean())
+
+    def overlap(a, b):
+        return sum(len(set(p.tolist()) & set(q.tolist())) for p, q in zip(a, b)) / (3 * len(a))
+
+    assert overlap(fitted, truth) > 0.7  # chance: 3/6 = 0.5
