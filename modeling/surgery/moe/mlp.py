@@ -23,9 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
-IMPLS = ("auto", "loop", "grouped")
+from ._experts import grouped_experts, grouped_mm as _grouped_mm, hidden_fn, masked_experts, pad_experts
+from ._fused import Spec, fused_moe
 
-_grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+IMPLS = ("auto", "loop", "grouped", "fused", "grouped_padded", "masked")
 
 
 def grouped_mm_supported(d: int, f: int, dtype: torch.dtype) -> bool:
@@ -33,13 +34,50 @@ def grouped_mm_supported(d: int, f: int, dtype: torch.dtype) -> bool:
     return _grouped_mm is not None and (d * dtype.itemsize) % 16 == 0 and (f * dtype.itemsize) % 16 == 0
 
 
+# `auto`'s table (measured with bench/moe.py; BENCHMARKS.md, "MoE MLP (issue 15)"): below these, dispatching
+# tokens to experts costs more than running every expert densely and masking.
+MIN_EXPERT_WIDTH = 32  # neurons per expert
+MIN_ROWS_PER_EXPERT = 64  # routed slots per routed expert in one call
+
+
+def auto_impl(device_type: str, dtype: torch.dtype, hidden: int, expert_size: int, num_experts: int, num_shared: int,
+              top_k: int, tokens: int) -> str:
+    """The impl `auto` runs for one call: a fixed table, not a timed probe, so the choice is the
+    same on every run and every rank for the same shapes (a probe on a machine shared with other
+    jobs picks by their load). From bench/moe.py on CPU (fp32, 1 thread):
+
+    - `masked` when experts are narrower than MIN_EXPERT_WIDTH neurons or get fewer than
+      MIN_ROWS_PER_EXPERT rows each: per-expert GEMMs that small run far below the BLAS's speed
+      and the per-expert fixed cost dominates, so the dense work with a mask is cheaper (the
+      digits model's 6-neuron experts);
+    - otherwise `grouped_padded` on CUDA in bf16/fp16 (one grouped GEMM per projection; not yet
+      measured here, no GPU was at hand), `fused` everywhere else (CPU, and CUDA fp32 where
+      `grouped_mm` has no kernel).
+    """
+    rows_per_expert = tokens * top_k / max(1, num_experts - num_shared)
+    if expert_size < MIN_EXPERT_WIDTH or rows_per_expert < MIN_ROWS_PER_EXPERT:
+        return "masked"
+    if (device_type == "cuda" and dtype in (torch.bfloat16, torch.float16)
+            and grouped_mm_supported(hidden, 16, dtype)):
+        return "grouped_padded"
+    return "fused"
+
+
 class MoEMLP(nn.Module):
     """A gated or ungated MLP split into S shared + R routed experts, top-k routing (Eq. 9).
 
-    impl: `loop` — a readable per-expert loop over tokens sorted by expert (the reference, CPU);
+    impl (every one computes the same function and gradients; they differ in speed):
+    `loop` — the reference: a readable per-expert loop over tokens sorted by expert, autograd
+    through it (its backward is slow: per-expert nodes allocate full-size gradients);
     `grouped` — the same sort, then one `grouped_mm` per projection over all experts (runs on CPU
-    in fp32 and on CUDA; widths must keep 16-byte strides); `auto` — grouped on CUDA in bf16 when
-    the widths allow, the loop otherwise.
+    in fp32 and on CUDA in bf16; widths must keep 16-byte strides as they are);
+    `fused` — the whole MLP as one autograd Function, expert by expert, gate and up in one GEMM,
+    no (T k, d) copies, the backward written out (`_fused.py`; the CPU path);
+    `grouped_padded` — `grouped` with gate and up fused and each expert zero-padded to the
+    16-byte rule, so any expert width runs (`_experts.py`; the CUDA bf16 path);
+    `masked` — every expert densely, h masked to the selected ones: dense cost, no dispatch (for
+    experts too narrow or too few rows for dispatch to pay);
+    `auto` — picked per call from device, dtype and shapes by `auto_impl` (a fixed table).
 
     gated: SwiGLU experts (`w_gate`, `w_up`, `w_down`); False: fc1 -> act -> fc2 (`w_gate` is None).
     up_bias / gate_bias / down_bias: the dense MLP's biases, `b_up`, `b_gate` (E, f) cut with the
@@ -198,13 +236,20 @@ class MoEMLP(nn.Module):
             self.extra_flops = per_expert * E
             return self._add_down_bias(self._experts_dense(x, 0, E, detach=self.freeze_dense),
                                        detach=self.freeze_dense).view(shape)
-        out = self._experts_dense(x, 0, S)  # (N, d) the shared experts: one dense MLP of width S * f
         logits = self.router(x).float()  # (N, R)
         top = torch.sort(logits, dim=-1, descending=True, stable=True).indices[:, : self.top_k]  # (N, k) ties -> index
         p = torch.softmax(logits.gather(-1, top), dim=-1)  # (N, k)
         gate = (1.0 + (p - p.detach())).to(x.dtype)  # (N, k): exactly 1 forward, d/dp = 1 backward
-        routed = self._routed_grouped if self._use_grouped(x) else self._routed_loop
-        out = self._add_down_bias(out + routed(x, top, gate))
+        impl = self.resolve_impl(x)
+        if impl == "masked":
+            out = self._masked(x, top, gate)
+        elif impl == "fused":
+            token, g, counts = self._sorted_slots(top, gate)
+            spec = Spec(S, counts.tolist(), self.act_fn, unit_gate=bool((g == 1).all()))
+            out = fused_moe(x, g, token, spec, self.w_gate, self.w_up, self.w_down, self.b_gate, self.b_up)
+        else:  # the shared experts (one dense MLP of width S * f) + the routed ones
+            out = self._experts_dense(x, 0, S) + self._routed(impl, x, top, gate)
+        out = self._add_down_bias(out)  # (N, d)
         load = torch.bincount(top.flatten(), minlength=self.num_routed)  # (R,)
         self.last_load = load.detach()
         if self.training and N > 0:
@@ -214,16 +259,29 @@ class MoEMLP(nn.Module):
         self.extra_flops = per_expert * (S + self.top_k)
         return out.view(shape)
 
+    def resolve_impl(self, x: torch.Tensor) -> str:
+        """The impl a sparse forward on x runs: `self.impl`, or for `auto` the pick of `auto_impl`."""
+        if self.impl != "auto":
+            self._use_grouped(x)  # raises for `grouped` off the stride rule
+            if self.impl == "grouped_padded" and not grouped_mm_supported(self.hidden_size, 16, x.dtype):
+                raise ValueError(f"impl='grouped_padded' pads the expert width, not the hidden size: {self.hidden_size} "
+                                 f"in {x.dtype} breaks the 16-byte rule (use impl='fused')")
+            return self.impl
+        return auto_impl(x.device.type, x.dtype, self.hidden_size, self.expert_size, self.num_experts,
+                         self.num_shared, self.top_k, x.shape[0])
+
     def _use_grouped(self, x: torch.Tensor) -> bool:
-        if self.impl == "loop":
+        """Whether the plain `grouped` path runs (it needs 16-byte strides as they are)."""
+        if self.impl not in ("auto", "grouped"):
             return False
         ok = grouped_mm_supported(self.hidden_size, self.expert_size, x.dtype)
         if self.impl == "grouped":
             if not ok:
                 raise ValueError(f"impl='grouped' needs 16-byte row strides: hidden {self.hidden_size} and expert width "
-                                 f"{self.expert_size} in {x.dtype} do not give them (use impl='loop' or 'auto')")
+                                 f"{self.expert_size} in {x.dtype} do not give them (use impl='grouped_padded' or "
+                                 f"'auto')")
             return True
-        return ok and x.is_cuda and x.dtype == torch.bfloat16
+        return self.resolve_impl(x) == "grouped"
 
     def _add_down_bias(self, out: torch.Tensor, detach: bool = False) -> torch.Tensor:
         if self.b_down is None:
@@ -250,6 +308,38 @@ class MoEMLP(nn.Module):
         w_down = self.w_down[lo:hi].detach() if detach else self.w_down[lo:hi]
         h = self._hidden(x, lo, hi, detach)  # (N, n * f)
         return F.linear(h, w_down.transpose(0, 1).reshape(self.hidden_size, -1))  # (d, n, f) -> (d, n * f)
+
+    def _fused_in(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Experts lo..hi-1's input projection as one: w_in (n, m, d), b_in (n, m) or None, rows
+        [gate | up] per expert (m = 2f) gated, the up projection (m = f) ungated. A copy when gated
+        (the parameters stay `w_gate`, `w_up`); the gradient flows back through it."""
+        if not self.gated:
+            return self.w_up[lo:hi], None if self.b_up is None else self.b_up[lo:hi]
+        w_in = torch.cat([self.w_gate[lo:hi], self.w_up[lo:hi]], dim=1)
+        if self.b_gate is None and self.b_up is None:
+            return w_in, None
+        zero = self.w_up.new_zeros(hi - lo, self.expert_size)
+        return w_in, torch.cat([zero if b is None else b[lo:hi] for b in (self.b_gate, self.b_up)], dim=1)
+
+    def _routed(self, impl: str, x: torch.Tensor, top: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """The routed experts' sum (N, d) by `impl` (see the class docstring)."""
+        if impl == "loop":
+            return self._routed_loop(x, top, gate)
+        if impl == "grouped":
+            return self._routed_grouped(x, top, gate)
+        S, E, f = self.num_shared, self.num_experts, self.expert_size
+        token, g, counts = self._sorted_slots(top, gate)
+        w_in, b_in = self._fused_in(S, E)
+        assert impl == "grouped_padded", impl
+        w_in, b_in, w_down, fp = pad_experts(w_in, b_in, self.w_down[S:], f, self.gated)
+        return grouped_experts(x, token, g, counts, w_in, b_in, w_down, hidden_fn(self.act_fn, self.gated, fp))
+
+    def _masked(self, x: torch.Tensor, top: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """Shared and routed experts as one dense MLP, h masked to the shared and selected experts."""
+        N, S = x.shape[0], self.num_shared
+        mask = torch.cat([x.new_ones(N, S), x.new_zeros(N, self.num_routed).scatter(1, top, gate)], dim=1)  # (N, E)
+        w_in, b_in = self._fused_in(0, self.num_experts)
+        return masked_experts(x, mask, w_in, b_in, self.w_down, hidden_fn(self.act_fn, self.gated, self.expert_size))
 
     def _sorted_slots(self, top: torch.Tensor, gate: torch.Tensor):
         """The N * k (token, expert) slots sorted by expert: token index, gate, tokens per expert."""
