@@ -241,6 +241,20 @@ def test_no_shared_experts_and_experts_that_get_no_tokens(impl):
 
 
 @pytest.mark.parametrize("impl", FAST)
+def test_ties_at_the_top_k_boundary_go_to_the_lower_index_on_every_path(impl):
+    """Routed experts 1, 2, 3 share one router row, so their logits tie on every token and the
+    top-3 boundary often falls inside the tie."""
+    loop, fast = _random_mlp("loop"), _random_mlp(impl)
+    for m in (loop, fast):
+        with torch.no_grad():
+            m.router.weight[2:4] = m.router.weight[1]
+    x = inputs(200)
+    a, b = forward_backward(loop, x), forward_backward(fast, x)
+    assert 0 < a[2][3] < a[2][1]  # the tie was cut: expert 1 chosen more often than expert 3
+    assert_same_step(a, b)
+
+
+@pytest.mark.parametrize("impl", FAST)
 def test_frozen_experts_get_no_gradient_and_the_rest_still_matches(impl):
     """Expert-Frozen Tuning: only the input and the router train."""
     x = inputs()

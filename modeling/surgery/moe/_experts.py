@@ -1,4 +1,4 @@
-"""`MoEMLP`'s `grouped_padded` and `masked` impls as pure tensor functions (`fused` is `_fused.py`).
+"""`MoEMLP`'s `grouped_padded` impl as pure tensor functions (`fused` is `_fused.py`).
 
 They take the experts' weights with gate and up fused into one input projection:
 
@@ -67,20 +67,3 @@ def grouped_experts(x: torch.Tensor, token: torch.Tensor, g: torch.Tensor, count
     h = hidden(a) * g[:, None]  # (M, f)
     ys = grouped_mm(h, w_down.transpose(-2, -1), offs=offs)  # (M, d)
     return x.new_zeros(x.shape).index_add_(0, token, ys)
-
-
-# ------------------------------------------------------------------ dense, masked
-
-
-def masked_experts(x: torch.Tensor, mask: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None,
-                   w_down: torch.Tensor, hidden: Hidden) -> torch.Tensor:
-    """Every expert on every token, h multiplied by mask (N, n) — the gate on selected experts, 1 on
-    shared ones, 0 elsewhere: the dense MLP's work, no gather, no scatter, a handful of kernels.
-    For experts too narrow for dispatch to pay (the digits model's 6 neurons). Equal to the
-    sparse sum (an unselected expert's h is multiplied by 0), gradients included. w_in (n, m, d),
-    b_in (n, m), w_down (n, d, f) here cover the n experts of the mask, shared ones included."""
-    n, m, d = w_in.shape
-    N, f = x.shape[0], w_down.shape[-1]
-    a = F.linear(x, w_in.reshape(n * m, d), None if b_in is None else b_in.reshape(-1))  # (N, n * m)
-    h = hidden(a.view(N * n, m)).view(N, n, f) * mask[:, :, None]  # (N, n, f)
-    return F.linear(h.view(N, n * f), w_down.permute(1, 0, 2).reshape(d, n * f))  # (N, d)

@@ -169,12 +169,23 @@ class _FusedMoE(torch.autograd.Function):
                 torch.sum(up_part, 0, out=db_up[lo:hi].flatten())
             return torch.mm(da, w_in, out=out) if need_x else None  # (n, d)
 
-        def hidden_and_grad(a):
-            """h = hidden(a) for a (n, m), and the map dL/dh -> dL/da (autograd through act)."""
+        def hidden_and_grad(a, da_out=None):
+            """h = hidden(a) for a (n, m), and the map dL/dh -> dL/da (autograd through act; the
+            gate and up halves are separate leaves, so no slice's backward pads them to (n, m))."""
             with torch.enable_grad():
-                a = a.detach().requires_grad_(need_a)
-                h = _hidden(a, spec.act, gated)
-            return h.detach(), (lambda dh: torch.autograd.grad(h, a, dh)[0])
+                if not gated:
+                    leaves = (a.detach().requires_grad_(need_a),)
+                    h = spec.act(leaves[0])
+                else:
+                    width = a.shape[1] // 2
+                    leaves = (a[:, :width].detach().requires_grad_(need_a), a[:, width:].detach().requires_grad_(need_a))
+                    h = spec.act(leaves[0]) * leaves[1]
+
+            def grad_of(dh):
+                parts = torch.autograd.grad(h, leaves, dh)
+                return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1, out=da_out)
+
+            return h.detach(), grad_of
 
         if S:
             h, grad_of = hidden_and_grad(a_shared)  # (N, S f)
@@ -189,7 +200,7 @@ class _FusedMoE(torch.autograd.Function):
 
         n_max, m = max(spec.counts, default=0), (2 if gated else 1) * f
         grad_buf, x_buf, dx_buf = (x.new_empty(n_max, d) for _ in range(3))
-        w_buf = x.new_empty(m, d)
+        w_buf, da_buf = x.new_empty(m, d), x.new_empty(n_max, m)
         start = 0
         for j, n in enumerate(spec.counts):
             if n == 0:
@@ -197,7 +208,7 @@ class _FusedMoE(torch.autograd.Function):
             e, s = S + j, slice(start, start + n)
             rows, gs = token[s], g[s, None]
             grad_j = torch.index_select(grad_out, 0, rows, out=grad_buf[:n])  # (n, d)
-            h, grad_of = hidden_and_grad(a_all[s])  # (n, f) before the gate
+            h, grad_of = hidden_and_grad(a_all[s], da_buf[:n])  # (n, f) before the gate
             if dw_down is not None:
                 torch.mm(grad_j.T, h if spec.unit_gate else h * gs, out=dw_down[e])  # (d, f)
             dh = grad_j @ w_down[e]  # (n, f)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
-from ._experts import grouped_experts, grouped_mm as _grouped_mm, hidden_fn, masked_experts, pad_experts
+from ._experts import grouped_experts, grouped_mm as _grouped_mm, hidden_fn, pad_experts
 from ._fused import Spec, fused_moe
 
 IMPLS = ("auto", "loop", "grouped", "fused", "grouped_padded", "masked")
@@ -237,20 +237,23 @@ class MoEMLP(nn.Module):
             return self._add_down_bias(self._experts_dense(x, 0, E, detach=self.freeze_dense),
                                        detach=self.freeze_dense).view(shape)
         logits = self.router(x).float()  # (N, R)
-        top = torch.sort(logits, dim=-1, descending=True, stable=True).indices[:, : self.top_k]  # (N, k) ties -> index
-        p = torch.softmax(logits.gather(-1, top), dim=-1)  # (N, k)
-        gate = (1.0 + (p - p.detach())).to(x.dtype)  # (N, k): exactly 1 forward, d/dp = 1 backward
         impl = self.resolve_impl(x)
-        if impl == "masked":
-            out = self._masked(x, top, gate)
-        elif impl == "fused":
-            token, g, counts = self._sorted_slots(top, gate)
-            spec = Spec(S, counts.tolist(), self.act_fn, unit_gate=bool((g == 1).all()))
-            out = fused_moe(x, g, token, spec, self.w_gate, self.w_up, self.w_down, self.b_gate, self.b_up)
-        else:  # the shared experts (one dense MLP of width S * f) + the routed ones
-            out = self._experts_dense(x, 0, S) + self._routed(impl, x, top, gate)
+        if impl == "masked":  # no top-k indices: a selection mask, every expert run densely
+            gates = self._masked_gates(logits).to(x.dtype)  # (N, R), 0 off the top k
+            out = self._experts_dense(x, 0, E, mask=torch.cat([gates.new_ones(N, S), gates], dim=1))
+            load = (gates != 0).sum(0)
+        else:
+            top = torch.sort(logits, dim=-1, descending=True, stable=True).indices[:, : self.top_k]  # (N, k) ties -> index
+            p = torch.softmax(logits.gather(-1, top), dim=-1)  # (N, k)
+            gate = (1.0 + (p - p.detach())).to(x.dtype)  # (N, k): exactly 1 forward, d/dp = 1 backward
+            if impl == "fused":
+                token, g, counts = self._sorted_slots(top, gate)
+                spec = Spec(S, counts.tolist(), self.act_fn, unit_gate=bool((g == 1).all()))
+                out = fused_moe(x, g, token, spec, self.w_gate, self.w_up, self.w_down, self.b_gate, self.b_up)
+            else:  # the shared experts (one dense MLP of width S * f) + the routed ones
+                out = self._experts_dense(x, 0, S) + self._routed(impl, x, top, gate)
+            load = torch.bincount(top.flatten(), minlength=self.num_routed)  # (R,)
         out = self._add_down_bias(out)  # (N, d)
-        load = torch.bincount(top.flatten(), minlength=self.num_routed)  # (R,)
         self.last_load = load.detach()
         if self.training and N > 0:
             frac = load.float() / (N * self.top_k)  # f_j: share of routed slots
@@ -303,11 +306,30 @@ class MoEMLP(nn.Module):
         a_gate = None if w_gate is None else F.linear(x, w_gate.reshape(-1, d), flat(b_gate))
         return self._act(a_gate, F.linear(x, w_up.reshape(-1, d), flat(b_up)))
 
-    def _experts_dense(self, x: torch.Tensor, lo: int, hi: int, detach: bool = False) -> torch.Tensor:
-        """Experts lo..hi-1 as one dense MLP of width (hi - lo) * f, no down bias.  x (N, d) -> (N, d)."""
+    def _experts_dense(self, x: torch.Tensor, lo: int, hi: int, detach: bool = False,
+                       mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Experts lo..hi-1 as one dense MLP of width (hi - lo) * f, no down bias.  x (N, d) -> (N, d).
+        mask (N, hi - lo): each expert's h scaled per row (`masked`: its gate, 0 when not selected)."""
         w_down = self.w_down[lo:hi].detach() if detach else self.w_down[lo:hi]
         h = self._hidden(x, lo, hi, detach)  # (N, n * f)
+        if mask is not None:
+            h = (h.view(len(x), hi - lo, self.expert_size) * mask[:, :, None]).view(h.shape)
         return F.linear(h, w_down.transpose(0, 1).reshape(self.hidden_size, -1))  # (d, n, f) -> (d, n * f)
+
+    def _masked_gates(self, logits: torch.Tensor) -> torch.Tensor:
+        """The routed gates as an (N, R) matrix: G = 1 + (p - p.detach()) on each row's top k, 0
+        elsewhere. The same selection as the sorted path (ties to the lower index) from the k-th
+        largest value and a rank among ties, no sort; p = softmax over the selected logits (the
+        others masked to -inf), so values and gradients are those of Eq. 9. Without autograd the
+        gates are just the selection (G = 1)."""
+        k, R = self.top_k, logits.shape[-1]
+        kth = logits.kthvalue(R - k + 1, dim=-1, keepdim=True).values  # (N, 1) the k-th largest logit
+        above, tied = logits > kth, logits == kth
+        selected = above | (tied & (tied.cumsum(-1) <= k - above.sum(-1, keepdim=True)))  # (N, R), k per row
+        if not (torch.is_grad_enabled() and logits.requires_grad):
+            return selected.to(logits.dtype)
+        p = torch.softmax(logits.masked_fill(~selected, float("-inf")), dim=-1)
+        return (1.0 + (p - p.detach())) * selected
 
     def _fused_in(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Experts lo..hi-1's input projection as one: w_in (n, m, d), b_in (n, m) or None, rows
@@ -333,13 +355,6 @@ class MoEMLP(nn.Module):
         assert impl == "grouped_padded", impl
         w_in, b_in, w_down, fp = pad_experts(w_in, b_in, self.w_down[S:], f, self.gated)
         return grouped_experts(x, token, g, counts, w_in, b_in, w_down, hidden_fn(self.act_fn, self.gated, fp))
-
-    def _masked(self, x: torch.Tensor, top: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        """Shared and routed experts as one dense MLP, h masked to the shared and selected experts."""
-        N, S = x.shape[0], self.num_shared
-        mask = torch.cat([x.new_ones(N, S), x.new_zeros(N, self.num_routed).scatter(1, top, gate)], dim=1)  # (N, E)
-        w_in, b_in = self._fused_in(0, self.num_experts)
-        return masked_experts(x, mask, w_in, b_in, self.w_down, hidden_fn(self.act_fn, self.gated, self.expert_size))
 
     def _sorted_slots(self, top: torch.Tensor, gate: torch.Tensor):
         """The N * k (token, expert) slots sorted by expert: token index, gate, tokens per expert."""
