@@ -218,7 +218,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: fp32 CPU, bf16 CUDA")
-    ap.add_argument("--widths", default=None, help=f"comma list of {sorted(WIDTHS)} (default: 0.5b CPU, 0.5b,7b CUDA)")
+    ap.add_argument("--widths", default=None,
+                    help=f"comma list of {sorted(WIDTHS)} or DxFF, e.g. 896x4864 (default: 0.5b CPU, 0.5b,7b CUDA)")
     ap.add_argument("--tokens", default=None, help="comma list (default: 2048 CPU; 256,4096 CUDA)")
     ap.add_argument("--layouts", default=",".join(LAYOUTS), help="comma list of E/S/k")
     ap.add_argument("--impls", default="loop,grouped,fused,grouped_padded,masked,auto")
@@ -234,8 +235,13 @@ def main() -> None:
     args.widths = (args.widths or ("0.5b,7b" if cuda else "0.5b")).split(",")
     args.tokens = [int(t) for t in (args.tokens or ("256,4096" if cuda else "2048")).split(",")]
     args.layouts, args.impls, args.modes = args.layouts.split(","), args.impls.split(","), args.modes.split(",")
-    if unknown := [w for w in args.widths if w not in WIDTHS]:
-        ap.error(f"--widths: unknown {unknown}, choose from {sorted(WIDTHS)}")
+    for w in args.widths:
+        if w not in WIDTHS:
+            try:
+                WIDTHS[w] = tuple(int(v) for v in w.split("x"))
+                assert len(WIDTHS[w]) == 2
+            except (ValueError, AssertionError):
+                ap.error(f"--widths: {w!r} is neither one of {sorted(WIDTHS)} nor DxFF")
     torch.set_num_threads(args.threads)
 
     rows = run_digits(args, args.device) if args.digits else run_mlp(args, args.device, dtype)

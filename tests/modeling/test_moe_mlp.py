@@ -326,6 +326,10 @@ def test_auto_is_a_fixed_table_of_device_dtype_and_shapes():
     assert auto_impl("cpu", f32, 896, 608, 8, 2, 2, 2048) == "fused"
     assert auto_impl("cpu", f32, 128, 6, 64, 8, 24, 2048) == "masked"  # the digits model's 6-neuron experts
     assert auto_impl("cpu", f32, 896, 76, 64, 8, 24, 8) == "masked"  # 8 tokens: ~3 rows per expert
+    assert auto_impl("cpu", f32, 896, 19, 256, 32, 96, 2048) == "masked"  # 19-neuron experts
+    assert auto_impl("cpu", f32, 896, 38, 128, 16, 48, 256) == "fused"  # 110 rows x 896 x 38 per expert
+    assert auto_impl("cpu", f32, 128, 48, 8, 2, 2, 240) == "masked"  # 80 rows x 128 x 48: too little work
+    assert auto_impl("cpu", f32, 128, 48, 8, 2, 2, 1024) == "fused"
     assert auto_impl("cuda", bf16, 896, 76, 64, 8, 24, 4096) == "grouped_padded"
     assert auto_impl("cuda", f32, 896, 76, 64, 8, 24, 4096) == "fused"  # grouped_mm has no fp32 CUDA kernel
     mlp = MoEMLP(D, FF, E, S, 3)
@@ -341,6 +345,16 @@ def test_auto_runs_what_it_picks():
         picked = auto.resolve_impl(x)
         assert picked == "masked"  # 12-neuron experts: below MIN_EXPERT_WIDTH
         torch.testing.assert_close(auto(x), _random_mlp(picked).eval()(x), atol=0, rtol=0)
+
+
+def test_auto_dispatches_when_experts_are_wide_and_busy_enough():
+    mlp = _random_mlp("auto", d=64, ff=256, experts=4, shared=1, top_k=1)  # 64-neuron experts
+    x = torch.randn(1200, 64, generator=torch.Generator().manual_seed(2))  # 400 rows x 64 x 64 per expert
+    with torch.no_grad():
+        assert mlp.resolve_impl(x) == "fused"
+        y = mlp.eval()(x)
+        mlp.impl = "fused"
+        assert torch.equal(y, mlp(x))
 
 
 def test_padded_grouped_refuses_a_hidden_size_off_the_rule():

@@ -178,7 +178,7 @@ class _FusedMoE(torch.autograd.Function):
                     h = spec.act(leaves[0])
                 else:
                     width = a.shape[1] // 2
-                    leaves = (a[:, :width].detach().requires_grad_(need_a), a[:, width:].detach().requires_grad_(need_a))
+                    leaves = tuple(half.detach().requires_grad_(need_a) for half in (a[:, :width], a[:, width:]))
                     h = spec.act(leaves[0]) * leaves[1]
 
             def grad_of(dh):

@@ -34,31 +34,30 @@ def grouped_mm_supported(d: int, f: int, dtype: torch.dtype) -> bool:
     return _grouped_mm is not None and (d * dtype.itemsize) % 16 == 0 and (f * dtype.itemsize) % 16 == 0
 
 
-# `auto`'s table (measured with bench/moe.py; BENCHMARKS.md, "MoE MLP (issue 15)"): below these, dispatching
-# tokens to experts costs more than running every expert densely and masking.
-MIN_EXPERT_WIDTH = 32  # neurons per expert
-MIN_ROWS_PER_EXPERT = 64  # routed slots per routed expert in one call
+# `auto`'s table, measured with bench/moe.py on CPU (BENCHMARKS.md, "MoE MLP (issue 15)"): below either,
+# dispatching tokens to experts costs more than running every expert densely under a mask.
+MIN_EXPERT_WIDTH = 32  # neurons per expert: 19-neuron experts (d 896) lose to `masked` even at 2,048 tokens
+MIN_EXPERT_MACS = 1_500_000  # rows per routed expert x hidden x expert width, per call
 
 
 def auto_impl(device_type: str, dtype: torch.dtype, hidden: int, expert_size: int, num_experts: int, num_shared: int,
               top_k: int, tokens: int) -> str:
     """The impl `auto` runs for one call: a fixed table, not a timed probe, so the choice is the
     same on every run and every rank for the same shapes (a probe on a machine shared with other
-    jobs picks by their load). From bench/moe.py on CPU (fp32, 1 thread):
+    jobs would pick by their load). From bench/moe.py on CPU (fp32, one thread):
 
-    - `masked` when experts are narrower than MIN_EXPERT_WIDTH neurons or get fewer than
-      MIN_ROWS_PER_EXPERT rows each: per-expert GEMMs that small run far below the BLAS's speed
-      and the per-expert fixed cost dominates, so the dense work with a mask is cheaper (the
-      digits model's 6-neuron experts);
-    - otherwise `grouped_padded` on CUDA in bf16/fp16 (one grouped GEMM per projection; not yet
-      measured here, no GPU was at hand), `fused` everywhere else (CPU, and CUDA fp32 where
-      `grouped_mm` has no kernel).
+    - `masked` when experts are narrower than MIN_EXPERT_WIDTH or each routed expert's share of
+      the call is under MIN_EXPERT_MACS multiply-adds: then a per-expert GEMM is too small to pay
+      for its fixed cost (~0.1 ms of dispatch per expert on CPU) and running the dense work under
+      a mask is cheaper. The digits model (6-neuron experts), and any layout at a few tokens.
+    - otherwise `grouped_padded` on CUDA in bf16/fp16 (one grouped GEMM per projection; a guess
+      until bench/moe.py runs on a GPU: none was at hand), `fused` everywhere else (CPU, and CUDA
+      fp32, where `grouped_mm` has no kernel).
     """
     rows_per_expert = tokens * top_k / max(1, num_experts - num_shared)
-    if expert_size < MIN_EXPERT_WIDTH or rows_per_expert < MIN_ROWS_PER_EXPERT:
+    if expert_size < MIN_EXPERT_WIDTH or rows_per_expert * hidden * expert_size < MIN_EXPERT_MACS:
         return "masked"
-    if (device_type == "cuda" and dtype in (torch.bfloat16, torch.float16)
-            and grouped_mm_supported(hidden, 16, dtype)):
+    if device_type == "cuda" and dtype in (torch.bfloat16, torch.float16) and grouped_mm_supported(hidden, 16, dtype):
         return "grouped_padded"
     return "fused"
 
@@ -137,7 +136,8 @@ class MoEMLP(nn.Module):
     def expert_parameters(self) -> list[nn.Parameter]:
         """The experts' weights and biases (shared and routed): what Expert-Frozen Tuning freezes.
         The router is not among them."""
-        return [w for w in (self.w_gate, self.w_up, self.w_down, self.b_gate, self.b_up, self.b_down) if w is not None]
+        weights = (self.w_gate, self.w_up, self.w_down, self.b_gate, self.b_up, self.b_down)
+        return [w for w in weights if w is not None]
 
     def extra_repr(self) -> str:
         kind = "gated" if self.gated else "ungated"
@@ -243,7 +243,7 @@ class MoEMLP(nn.Module):
             out = self._experts_dense(x, 0, E, mask=torch.cat([gates.new_ones(N, S), gates], dim=1))
             load = (gates != 0).sum(0)
         else:
-            top = torch.sort(logits, dim=-1, descending=True, stable=True).indices[:, : self.top_k]  # (N, k) ties -> index
+            top = torch.sort(logits, dim=-1, descending=True, stable=True).indices[:, : self.top_k]  # (N, k) ties: idx
             p = torch.softmax(logits.gather(-1, top), dim=-1)  # (N, k)
             gate = (1.0 + (p - p.detach())).to(x.dtype)  # (N, k): exactly 1 forward, d/dp = 1 backward
             if impl == "fused":
@@ -251,7 +251,9 @@ class MoEMLP(nn.Module):
                 spec = Spec(S, counts.tolist(), self.act_fn, unit_gate=bool((g == 1).all()))
                 out = fused_moe(x, g, token, spec, self.w_gate, self.w_up, self.w_down, self.b_gate, self.b_up)
             else:  # the shared experts (one dense MLP of width S * f) + the routed ones
-                out = self._experts_dense(x, 0, S) + self._routed(impl, x, top, gate)
+                routed = {"loop": self._routed_loop, "grouped": self._routed_grouped,
+                          "grouped_padded": self._routed_padded}[impl]
+                out = self._experts_dense(x, 0, S) + routed(x, top, gate)
             load = torch.bincount(top.flatten(), minlength=self.num_routed)  # (R,)
         out = self._add_down_bias(out)  # (N, d)
         self.last_load = load.detach()
@@ -267,8 +269,8 @@ class MoEMLP(nn.Module):
         if self.impl != "auto":
             self._use_grouped(x)  # raises for `grouped` off the stride rule
             if self.impl == "grouped_padded" and not grouped_mm_supported(self.hidden_size, 16, x.dtype):
-                raise ValueError(f"impl='grouped_padded' pads the expert width, not the hidden size: {self.hidden_size} "
-                                 f"in {x.dtype} breaks the 16-byte rule (use impl='fused')")
+                raise ValueError(f"impl='grouped_padded' pads the expert width, not the hidden size: "
+                                 f"{self.hidden_size} in {x.dtype} breaks the 16-byte rule (use impl='fused')")
             return self.impl
         return auto_impl(x.device.type, x.dtype, self.hidden_size, self.expert_size, self.num_experts,
                          self.num_shared, self.top_k, x.shape[0])
@@ -343,16 +345,11 @@ class MoEMLP(nn.Module):
         zero = self.w_up.new_zeros(hi - lo, self.expert_size)
         return w_in, torch.cat([zero if b is None else b[lo:hi] for b in (self.b_gate, self.b_up)], dim=1)
 
-    def _routed(self, impl: str, x: torch.Tensor, top: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        """The routed experts' sum (N, d) by `impl` (see the class docstring)."""
-        if impl == "loop":
-            return self._routed_loop(x, top, gate)
-        if impl == "grouped":
-            return self._routed_grouped(x, top, gate)
+    def _routed_padded(self, x: torch.Tensor, top: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """`grouped` with gate and up fused and the experts zero-padded to the 16-byte rule."""
         S, E, f = self.num_shared, self.num_experts, self.expert_size
         token, g, counts = self._sorted_slots(top, gate)
         w_in, b_in = self._fused_in(S, E)
-        assert impl == "grouped_padded", impl
         w_in, b_in, w_down, fp = pad_experts(w_in, b_in, self.w_down[S:], f, self.gated)
         return grouped_experts(x, token, g, counts, w_in, b_in, w_down, hidden_fn(self.act_fn, self.gated, fp))
 
@@ -386,6 +383,7 @@ class MoEMLP(nn.Module):
         offs = torch.cumsum(counts, 0).to(torch.int32)  # (R,) group ends; offs[-1] = N * k
         xs = x[token]  # (N * k, d)
         S = self.num_shared
+
         def project(w, b):  # (N * k, f); a bias: each slot its expert's
             a = _grouped_mm(xs, w[S:].transpose(-2, -1), offs=offs)
             return a if b is None else a + b[S:].repeat_interleave(counts, dim=0)
