@@ -10,8 +10,9 @@ a half-width one (the limit for 50% activation) and one `MoEMLP` per layout E/S/
 shared, top-k of the E - S routed), cut from the dense weights (random neuron scores) with the
 weight-estimated router of `init_router`. All impls of a layout run the same module (its `impl`
 switched between calls), so they see the same weights and the same routing. Every round times
-each case once, the order rotated each round (`interleaved_latency`); a cell is the median over
-rounds as a multiple of the dense MLP's median in the same mode. `fwd`: eval, no_grad (generation);
+each case once, the order rotated each round; a cell is the median over rounds of the case's time
+divided by the dense MLP's time in the same round and mode (a ratio within a round cancels most
+of the drift in other jobs' load). `fwd`: eval, no_grad (generation);
 `fwd+bwd`: train mode, gradients for the input and every weight (what adapt runs). On CPU the
 table shows wall clock and, in brackets, this process's CPU time (which moves less with other
 jobs' load); on CUDA, wall clock. Defaults: CPU fp32, 0.5B widths, 2,048 tokens, one thread;
@@ -33,6 +34,8 @@ import argparse
 import datetime
 import json
 import platform
+import statistics
+import time
 
 import torch
 import torch.nn.functional as F
@@ -111,9 +114,34 @@ def timed(case: tuple[nn.Module, str | None], x: torch.Tensor, grad: torch.Tenso
     return fwd if mode == "fwd" else fwd_bwd
 
 
-def run_mlp(args, device: str, dtype: torch.dtype) -> list[dict]:
-    from unislim.modeling.accelerate import interleaved_latency
+def interleaved(fns: dict, repeats: int, warmup: int = 1) -> dict[str, dict[str, list[float]]]:
+    """{name: {"wall": [s per round], "cpu": [s of this process's CPU time per round]}}; each round
+    runs every fn once, the order rotated by one each round; CUDA is synchronised around each."""
+    names = list(fns)
+    times = {n: {"wall": [], "cpu": []} for n in names}
+    sync = torch.cuda.synchronize if torch.cuda.is_available() and torch.cuda.is_initialized() else (lambda: None)
+    for r in range(warmup + repeats):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            sync()
+            w, c = time.perf_counter(), time.process_time()
+            fns[name]()
+            sync()
+            if r >= warmup:
+                times[name]["wall"].append(time.perf_counter() - w)
+                times[name]["cpu"].append(time.process_time() - c)
+    return times
 
+
+def summary(times: dict, name: str, base: str = "dense") -> dict:
+    """Medians of a case's times and of its per-round ratios to `base`."""
+    t, b = times[name], times[base]
+    ratio = lambda k: statistics.median(x / y for x, y in zip(t[k], b[k]) if y > 0) if any(b[k]) else None  # noqa: E731
+    return {"wall_ms": 1e3 * statistics.median(t["wall"]), "cpu_ms": 1e3 * statistics.median(t["cpu"]),
+            "ratio": ratio("wall"), "cpu_ratio": ratio("cpu"),
+            "wall_ms_rounds": [round(1e3 * v, 2) for v in t["wall"]]}
+
+
+def run_mlp(args, device: str, dtype: torch.dtype) -> list[dict]:
     rows = []
     for widths in args.widths:
         d, ff = WIDTHS[widths]
@@ -132,16 +160,13 @@ def run_mlp(args, device: str, dtype: torch.dtype) -> list[dict]:
                 print(f"timing {widths} widths, {tokens} tokens, {mode}: {len(table)} cases x {args.repeats} rounds",
                       flush=True)
                 fns = {name: timed(case, x, grad, mode) for name, case in table.items()}
-                result[mode] = interleaved_latency(fns, repeats=args.repeats, warmup=1)
+                result[mode] = interleaved(fns, repeats=args.repeats)
             for name, (module, impl) in table.items():
                 layout = name.split(" ")[0] if impl is not None else None
                 row = {"widths": widths, "d": d, "ff": ff, "tokens": tokens, "case": name, "layout": layout,
                        "impl": impl, "auto_picks": picked.get(layout) if impl == "auto" else None}
                 for mode, res in result.items():
-                    base = res["dense"]
-                    row[mode] = {"wall_ms": 1e3 * res[name]["wall"], "cpu_ms": 1e3 * res[name]["cpu"],
-                                 "ratio": res[name]["wall"] / base["wall"],
-                                 "cpu_ratio": res[name]["cpu"] / base["cpu"] if base["cpu"] > 0 else None}
+                    row[mode] = summary(res, name)
                 if layout is not None:
                     load = moes[layout].last_load.float()
                     row["load_max_over_mean"] = float(load.max() / load.mean())
@@ -172,7 +197,6 @@ def print_table(rows: list[dict], modes: list[str], device: str) -> None:
 def run_digits(args, device: str) -> list[dict]:
     """Generation (`generate_images`) of the `small` digits model, dense vs MoE with each impl.
     Random weights (timing only); MoE in the default layers with the default 64/8/24 layout."""
-    from unislim.modeling.accelerate import interleaved_latency
     from unislim.modeling.families.digits import UniDigitsModel, convert_to_moe, make_batch, reference_config
 
     torch.manual_seed(0)
@@ -198,19 +222,17 @@ def run_digits(args, device: str) -> list[dict]:
         return fn
 
     fns = {"dense": gen(dense), **{f"moe {impl}": gen(moe, impl) for impl in args.impls if impl != "grouped"}}
-    res = interleaved_latency(fns, repeats=args.repeats, warmup=1)
-    base = res["dense"]
+    res = interleaved(fns, repeats=args.repeats)
     print(f"\ndigits `small` generation, {len(prompts)} prompts, {dense.config.sample_steps} steps; MoE 64/8/24 in "
           f"layers {names}; auto picks {picked!r} at {len(x_probe)} rows")
     print("| model | ms per call | time / dense" + (" (CPU time)" if device == "cpu" else "") + " |")
     print("|---|---|---|")
     rows = []
-    for name, r in res.items():
-        cpu = f" ({r['cpu'] / base['cpu']:.2f}×)" if device == "cpu" else ""
-        print(f"| {name} | {1e3 * r['wall']:.1f} | {r['wall'] / base['wall']:.2f}×{cpu} |")
-        rows.append({"case": name, "wall_ms": 1e3 * r["wall"], "cpu_ms": 1e3 * r["cpu"],
-                     "ratio": r["wall"] / base["wall"], "cpu_ratio": r["cpu"] / base["cpu"] if base["cpu"] else None,
-                     "auto_picks": picked if name == "moe auto" else None})
+    for name in res:
+        r = summary(res, name)
+        cpu = f" ({r['cpu_ratio']:.2f}×)" if device == "cpu" else ""
+        print(f"| {name} | {r['wall_ms']:.1f} | {r['ratio']:.2f}×{cpu} |")
+        rows.append({"case": name, **r, "auto_picks": picked if name == "moe auto" else None})
     return rows
 
 
