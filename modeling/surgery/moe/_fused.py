@@ -75,11 +75,12 @@ def _project(x, w, b, out=None):
 
 
 def _hidden(a: torch.Tensor, act, gated: bool) -> torch.Tensor:
-    """Pre-activations (n, m) -> h: act(gate half) * up half, or act(a)."""
+    """Pre-activations (n, m) -> h: act(gate half) * up half, or act(a). Outside autograd only."""
     if not gated:
         return act(a)
     width = a.shape[1] // 2
-    return act(a[:, :width]) * a[:, width:]
+    h = act(a[:, :width])
+    return h * a[:, width:] if h.data_ptr() == a.data_ptr() else h.mul_(a[:, width:])  # in place unless act aliased
 
 
 def _shared_down(w_down: torch.Tensor, S: int) -> torch.Tensor:
@@ -154,15 +155,21 @@ class _FusedMoE(torch.autograd.Function):
         dx = None
         dg = torch.zeros_like(g) if need_g else None
 
-        def input_grads(da, xs, lo, hi, w_in, out=None):
+        def input_grads(da, xs, lo, hi, w_in, out=None, dw_buf=None):
             """Fills the input projection's weight and bias gradients of experts lo..hi-1 from da (n, m)
-            and xs (n, d); returns dL/dxs (n, d) if x needs it."""
+            and xs (n, d); returns dL/dxs (n, d) if x needs it. Gate and up together are one GEMM
+            into dw_buf (m, d), then copied: twice as wide as each alone, which the BLAS runs faster."""
             half = (hi - lo) * f
             gate_part, up_part = (da[:, :half], da[:, half:]) if gated else (None, da)
-            if dw_gate is not None:
-                torch.mm(gate_part.T, xs, out=dw_gate[lo:hi].flatten(0, 1))  # (n f, d)
-            if dw_up is not None:
-                torch.mm(up_part.T, xs, out=dw_up[lo:hi].flatten(0, 1))
+            if gated and dw_gate is not None and dw_up is not None:
+                dw_in = torch.mm(da.T, xs, out=dw_buf)  # (m, d)
+                dw_gate[lo:hi].flatten(0, 1).copy_(dw_in[:half])
+                dw_up[lo:hi].flatten(0, 1).copy_(dw_in[half:])
+            else:
+                if dw_gate is not None:
+                    torch.mm(gate_part.T, xs, out=dw_gate[lo:hi].flatten(0, 1))  # (n f, d)
+                if dw_up is not None:
+                    torch.mm(up_part.T, xs, out=dw_up[lo:hi].flatten(0, 1))
             if db_gate is not None:
                 torch.sum(gate_part, 0, out=db_gate[lo:hi].flatten())
             if db_up is not None:
@@ -200,7 +207,7 @@ class _FusedMoE(torch.autograd.Function):
 
         n_max, m = max(spec.counts, default=0), (2 if gated else 1) * f
         grad_buf, x_buf, dx_buf = (x.new_empty(n_max, d) for _ in range(3))
-        w_buf, da_buf = x.new_empty(m, d), x.new_empty(n_max, m)
+        w_buf, dw_buf, da_buf = x.new_empty(m, d), x.new_empty(m, d), x.new_empty(n_max, m)
         start = 0
         for j, n in enumerate(spec.counts):
             if n == 0:
@@ -218,7 +225,7 @@ class _FusedMoE(torch.autograd.Function):
                 da = grad_of(dh if spec.unit_gate else dh * gs)  # (n, m)
                 xj = torch.index_select(x, 0, rows, out=x_buf[:n]) if (need_wg or need_wu) else None
                 w_in = _in_weight(w_gate, w_up, e, e + 1, out=w_buf) if need_x else None
-                dxj = input_grads(da, xj, e, e + 1, w_in, out=dx_buf[:n])
+                dxj = input_grads(da, xj, e, e + 1, w_in, out=dx_buf[:n], dw_buf=dw_buf)
                 if dxj is not None:
                     dx.index_add_(0, rows, dxj)
             start += n
