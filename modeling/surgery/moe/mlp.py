@@ -23,9 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
-IMPLS = ("auto", "loop", "grouped")
+from ._experts import grouped_experts, grouped_mm as _grouped_mm, hidden_fn, pad_experts
+from ._fused import Spec, fused_moe
 
-_grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+IMPLS = ("auto", "loop", "grouped", "fused", "grouped_padded", "masked")
 
 
 def grouped_mm_supported(d: int, f: int, dtype: torch.dtype) -> bool:
@@ -33,13 +34,49 @@ def grouped_mm_supported(d: int, f: int, dtype: torch.dtype) -> bool:
     return _grouped_mm is not None and (d * dtype.itemsize) % 16 == 0 and (f * dtype.itemsize) % 16 == 0
 
 
+# `auto`'s table, measured with bench/moe.py on CPU (BENCHMARKS.md, "MoE MLP (issue 15)"): below either,
+# dispatching tokens to experts costs more than running every expert densely under a mask.
+MIN_EXPERT_WIDTH = 32  # neurons per expert: 19-neuron experts (d 896) lose to `masked` even at 2,048 tokens
+MIN_EXPERT_MACS = 1_500_000  # rows per routed expert x hidden x expert width, per call
+
+
+def auto_impl(device_type: str, dtype: torch.dtype, hidden: int, expert_size: int, num_experts: int, num_shared: int,
+              top_k: int, tokens: int) -> str:
+    """The impl `auto` runs for one call: a fixed table, not a timed probe, so the choice is the
+    same on every run and every rank for the same shapes (a probe on a machine shared with other
+    jobs would pick by their load). From bench/moe.py on CPU (fp32, one thread):
+
+    - `masked` when experts are narrower than MIN_EXPERT_WIDTH or each routed expert's share of
+      the call is under MIN_EXPERT_MACS multiply-adds: then a per-expert GEMM is too small to pay
+      for its fixed cost (~0.1 ms of dispatch per expert on CPU) and running the dense work under
+      a mask is cheaper. The digits model (6-neuron experts), and any layout at a few tokens.
+    - otherwise `grouped_padded` on CUDA in bf16/fp16 (one grouped GEMM per projection; a guess
+      until bench/moe.py runs on a GPU: none was at hand), `fused` everywhere else (CPU, and CUDA
+      fp32, where `grouped_mm` has no kernel).
+    """
+    rows_per_expert = tokens * top_k / max(1, num_experts - num_shared)
+    if expert_size < MIN_EXPERT_WIDTH or rows_per_expert * hidden * expert_size < MIN_EXPERT_MACS:
+        return "masked"
+    if device_type == "cuda" and dtype in (torch.bfloat16, torch.float16) and grouped_mm_supported(hidden, 16, dtype):
+        return "grouped_padded"
+    return "fused"
+
+
 class MoEMLP(nn.Module):
     """A gated or ungated MLP split into S shared + R routed experts, top-k routing (Eq. 9).
 
-    impl: `loop` — a readable per-expert loop over tokens sorted by expert (the reference, CPU);
+    impl (every one computes the same function and gradients; they differ in speed):
+    `loop` — the reference: a readable per-expert loop over tokens sorted by expert, autograd
+    through it (its backward is slow: per-expert nodes allocate full-size gradients);
     `grouped` — the same sort, then one `grouped_mm` per projection over all experts (runs on CPU
-    in fp32 and on CUDA; widths must keep 16-byte strides); `auto` — grouped on CUDA in bf16 when
-    the widths allow, the loop otherwise.
+    in fp32 and on CUDA in bf16; widths must keep 16-byte strides as they are);
+    `fused` — the whole MLP as one autograd Function, expert by expert, gate and up in one GEMM,
+    no (T k, d) copies, the backward written out (`_fused.py`; the CPU path);
+    `grouped_padded` — `grouped` with gate and up fused and each expert zero-padded to the
+    16-byte rule, so any expert width runs (`_experts.py`; the CUDA bf16 path);
+    `masked` — every expert densely, h masked to the selected ones: dense cost, no dispatch (for
+    experts too narrow or too few rows for dispatch to pay);
+    `auto` — picked per call from device, dtype and shapes by `auto_impl` (a fixed table).
 
     gated: SwiGLU experts (`w_gate`, `w_up`, `w_down`); False: fc1 -> act -> fc2 (`w_gate` is None).
     up_bias / gate_bias / down_bias: the dense MLP's biases, `b_up`, `b_gate` (E, f) cut with the
@@ -99,7 +136,8 @@ class MoEMLP(nn.Module):
     def expert_parameters(self) -> list[nn.Parameter]:
         """The experts' weights and biases (shared and routed): what Expert-Frozen Tuning freezes.
         The router is not among them."""
-        return [w for w in (self.w_gate, self.w_up, self.w_down, self.b_gate, self.b_up, self.b_down) if w is not None]
+        weights = (self.w_gate, self.w_up, self.w_down, self.b_gate, self.b_up, self.b_down)
+        return [w for w in weights if w is not None]
 
     def extra_repr(self) -> str:
         kind = "gated" if self.gated else "ungated"
@@ -198,14 +236,26 @@ class MoEMLP(nn.Module):
             self.extra_flops = per_expert * E
             return self._add_down_bias(self._experts_dense(x, 0, E, detach=self.freeze_dense),
                                        detach=self.freeze_dense).view(shape)
-        out = self._experts_dense(x, 0, S)  # (N, d) the shared experts: one dense MLP of width S * f
         logits = self.router(x).float()  # (N, R)
-        top = torch.sort(logits, dim=-1, descending=True, stable=True).indices[:, : self.top_k]  # (N, k) ties -> index
-        p = torch.softmax(logits.gather(-1, top), dim=-1)  # (N, k)
-        gate = (1.0 + (p - p.detach())).to(x.dtype)  # (N, k): exactly 1 forward, d/dp = 1 backward
-        routed = self._routed_grouped if self._use_grouped(x) else self._routed_loop
-        out = self._add_down_bias(out + routed(x, top, gate))
-        load = torch.bincount(top.flatten(), minlength=self.num_routed)  # (R,)
+        impl = self.resolve_impl(x)
+        if impl == "masked":  # no top-k indices: a selection mask, every expert run densely
+            gates = self._masked_gates(logits).to(x.dtype)  # (N, R), 0 off the top k
+            out = self._experts_dense(x, 0, E, mask=torch.cat([gates.new_ones(N, S), gates], dim=1))
+            load = (gates != 0).sum(0)
+        else:
+            top = torch.sort(logits, dim=-1, descending=True, stable=True).indices[:, : self.top_k]  # (N, k) ties: idx
+            p = torch.softmax(logits.gather(-1, top), dim=-1)  # (N, k)
+            gate = (1.0 + (p - p.detach())).to(x.dtype)  # (N, k): exactly 1 forward, d/dp = 1 backward
+            if impl == "fused":
+                token, g, counts = self._sorted_slots(top, gate)
+                spec = Spec(S, counts.tolist(), self.act_fn, unit_gate=bool((g == 1).all()))
+                out = fused_moe(x, g, token, spec, self.w_gate, self.w_up, self.w_down, self.b_gate, self.b_up)
+            else:  # the shared experts (one dense MLP of width S * f) + the routed ones
+                routed = {"loop": self._routed_loop, "grouped": self._routed_grouped,
+                          "grouped_padded": self._routed_padded}[impl]
+                out = self._experts_dense(x, 0, S) + routed(x, top, gate)
+            load = torch.bincount(top.flatten(), minlength=self.num_routed)  # (R,)
+        out = self._add_down_bias(out)  # (N, d)
         self.last_load = load.detach()
         if self.training and N > 0:
             frac = load.float() / (N * self.top_k)  # f_j: share of routed slots
@@ -214,16 +264,29 @@ class MoEMLP(nn.Module):
         self.extra_flops = per_expert * (S + self.top_k)
         return out.view(shape)
 
+    def resolve_impl(self, x: torch.Tensor) -> str:
+        """The impl a sparse forward on x runs: `self.impl`, or for `auto` the pick of `auto_impl`."""
+        if self.impl != "auto":
+            self._use_grouped(x)  # raises for `grouped` off the stride rule
+            if self.impl == "grouped_padded" and not grouped_mm_supported(self.hidden_size, 16, x.dtype):
+                raise ValueError(f"impl='grouped_padded' pads the expert width, not the hidden size: "
+                                 f"{self.hidden_size} in {x.dtype} breaks the 16-byte rule (use impl='fused')")
+            return self.impl
+        return auto_impl(x.device.type, x.dtype, self.hidden_size, self.expert_size, self.num_experts,
+                         self.num_shared, self.top_k, x.shape[0])
+
     def _use_grouped(self, x: torch.Tensor) -> bool:
-        if self.impl == "loop":
+        """Whether the plain `grouped` path runs (it needs 16-byte strides as they are)."""
+        if self.impl not in ("auto", "grouped"):
             return False
         ok = grouped_mm_supported(self.hidden_size, self.expert_size, x.dtype)
         if self.impl == "grouped":
             if not ok:
                 raise ValueError(f"impl='grouped' needs 16-byte row strides: hidden {self.hidden_size} and expert width "
-                                 f"{self.expert_size} in {x.dtype} do not give them (use impl='loop' or 'auto')")
+                                 f"{self.expert_size} in {x.dtype} do not give them (use impl='grouped_padded' or "
+                                 f"'auto')")
             return True
-        return ok and x.is_cuda and x.dtype == torch.bfloat16
+        return self.resolve_impl(x) == "grouped"
 
     def _add_down_bias(self, out: torch.Tensor, detach: bool = False) -> torch.Tensor:
         if self.b_down is None:
@@ -245,11 +308,50 @@ class MoEMLP(nn.Module):
         a_gate = None if w_gate is None else F.linear(x, w_gate.reshape(-1, d), flat(b_gate))
         return self._act(a_gate, F.linear(x, w_up.reshape(-1, d), flat(b_up)))
 
-    def _experts_dense(self, x: torch.Tensor, lo: int, hi: int, detach: bool = False) -> torch.Tensor:
-        """Experts lo..hi-1 as one dense MLP of width (hi - lo) * f, no down bias.  x (N, d) -> (N, d)."""
+    def _experts_dense(self, x: torch.Tensor, lo: int, hi: int, detach: bool = False,
+                       mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Experts lo..hi-1 as one dense MLP of width (hi - lo) * f, no down bias.  x (N, d) -> (N, d).
+        mask (N, hi - lo): each expert's h scaled per row (`masked`: its gate, 0 when not selected)."""
         w_down = self.w_down[lo:hi].detach() if detach else self.w_down[lo:hi]
         h = self._hidden(x, lo, hi, detach)  # (N, n * f)
+        if mask is not None:
+            h = (h.view(len(x), hi - lo, self.expert_size) * mask[:, :, None]).view(h.shape)
         return F.linear(h, w_down.transpose(0, 1).reshape(self.hidden_size, -1))  # (d, n, f) -> (d, n * f)
+
+    def _masked_gates(self, logits: torch.Tensor) -> torch.Tensor:
+        """The routed gates as an (N, R) matrix: G = 1 + (p - p.detach()) on each row's top k, 0
+        elsewhere. The same selection as the sorted path (ties to the lower index) from the k-th
+        largest value and a rank among ties, no sort; p = softmax over the selected logits (the
+        others masked to -inf), so values and gradients are those of Eq. 9. Without autograd the
+        gates are just the selection (G = 1)."""
+        k, R = self.top_k, logits.shape[-1]
+        kth = logits.kthvalue(R - k + 1, dim=-1, keepdim=True).values  # (N, 1) the k-th largest logit
+        above, tied = logits > kth, logits == kth
+        selected = above | (tied & (tied.cumsum(-1) <= k - above.sum(-1, keepdim=True)))  # (N, R), k per row
+        if not (torch.is_grad_enabled() and logits.requires_grad):
+            return selected.to(logits.dtype)
+        p = torch.softmax(logits.masked_fill(~selected, float("-inf")), dim=-1)
+        return (1.0 + (p - p.detach())) * selected
+
+    def _fused_in(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Experts lo..hi-1's input projection as one: w_in (n, m, d), b_in (n, m) or None, rows
+        [gate | up] per expert (m = 2f) gated, the up projection (m = f) ungated. A copy when gated
+        (the parameters stay `w_gate`, `w_up`); the gradient flows back through it."""
+        if not self.gated:
+            return self.w_up[lo:hi], None if self.b_up is None else self.b_up[lo:hi]
+        w_in = torch.cat([self.w_gate[lo:hi], self.w_up[lo:hi]], dim=1)
+        if self.b_gate is None and self.b_up is None:
+            return w_in, None
+        zero = self.w_up.new_zeros(hi - lo, self.expert_size)
+        return w_in, torch.cat([zero if b is None else b[lo:hi] for b in (self.b_gate, self.b_up)], dim=1)
+
+    def _routed_padded(self, x: torch.Tensor, top: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """`grouped` with gate and up fused and the experts zero-padded to the 16-byte rule."""
+        S, E, f = self.num_shared, self.num_experts, self.expert_size
+        token, g, counts = self._sorted_slots(top, gate)
+        w_in, b_in = self._fused_in(S, E)
+        w_in, b_in, w_down, fp = pad_experts(w_in, b_in, self.w_down[S:], f, self.gated)
+        return grouped_experts(x, token, g, counts, w_in, b_in, w_down, hidden_fn(self.act_fn, self.gated, fp))
 
     def _sorted_slots(self, top: torch.Tensor, gate: torch.Tensor):
         """The N * k (token, expert) slots sorted by expert: token index, gate, tokens per expert."""
@@ -281,6 +383,7 @@ class MoEMLP(nn.Module):
         offs = torch.cumsum(counts, 0).to(torch.int32)  # (R,) group ends; offs[-1] = N * k
         xs = x[token]  # (N * k, d)
         S = self.num_shared
+
         def project(w, b):  # (N * k, f); a bias: each slot its expert's
             a = _grouped_mm(xs, w[S:].transpose(-2, -1), offs=offs)
             return a if b is None else a + b[S:].repeat_interleave(counts, dim=0)
