@@ -238,8 +238,47 @@ def _check_paths(cfg, source: str) -> None:
             _check_path(key, value, section, cfg)
         except UserError as e:
             problems.append(f"{key}: {e}")
+    if not problems:
+        problems = _check_data(cfg)
     if problems:
         raise ConfigError(source, problems)
+
+
+DATA_CHECK_ROWS = 100_000  # rows per Parquet file checked up front (shard checks every row again)
+
+
+def _check_data(cfg) -> list[str]:
+    """Every Parquet task's rows against the checkpoint's family (finite values and ranges, lengths
+    against the model's context, token ids against its vocabulary): one line per rejected task,
+    with counts, before anything starts."""
+    from unislim.errors import DataError
+
+    tasks = [("shard.tasks", t) for t in cfg.shard.tasks] + [("data.tasks", t) for t in (cfg.data.tasks or [])]
+    tasks = [(k, t) for k, t in tasks if t.source == "parquet"]
+    if not tasks:
+        return []
+    import pyarrow.parquet as pq
+
+    from unislim.modeling.families import from_model_config, get_family
+    from unislim.modeling.loading import read_config
+
+    if cfg.model.source == "path":
+        family, model_config = from_model_config(cfg.model.path, cfg.model), read_config(cfg.model.path)
+    else:
+        family, model_config = get_family("digits"), None
+    problems = []
+    for section, task in tasks:
+        path = Path(task.path).expanduser()
+        for f in sorted(path.rglob("*.parquet")) if path.is_dir() else [path]:
+            try:
+                table = pq.ParquetFile(f).read_row_group(0) if pq.ParquetFile(f).num_row_groups else pq.read_table(f)
+                table = table.slice(0, DATA_CHECK_ROWS)
+                family.check_table(task.kind, table, f"{section}[{task.name}] ({f})", model_config)
+            except DataError as e:
+                problems.append(str(e))
+            except Exception as e:  # noqa: BLE001 - an unreadable file: say which
+                problems.append(f"{section}[{task.name}] ({f}): cannot be read as Parquet ({type(e).__name__}: {e})")
+    return problems
 
 
 def _named_paths(node: Any, prefix: str = "") -> list[tuple[str, str, dict]]:

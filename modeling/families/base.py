@@ -42,6 +42,24 @@ def step_bucket(index: int, steps: int, buckets: int) -> int:
     return min(buckets - 1, index * buckets // steps)
 
 
+class RowProblems:
+    """Bad rows of one table, by problem: `add(problem, row, detail)`, then `raise_if_any(where, n)`
+    raises one `DataError` saying how many rows each problem rejected, with the first of each."""
+
+    def __init__(self):
+        self.rows: dict[str, list[tuple[int, str]]] = {}
+
+    def add(self, problem: str, row: int, detail: str) -> None:
+        self.rows.setdefault(problem, []).append((row, detail))
+
+    def raise_if_any(self, where: str, n_rows: int) -> None:
+        if not self.rows:
+            return
+        bad = len({r for rows in self.rows.values() for r, _ in rows})
+        parts = [f"{len(rows)} {problem} (first: row {rows[0][0]}, {rows[0][1]})" for problem, rows in self.rows.items()]
+        raise DataError(f"{where}: {bad} of {n_rows} rows rejected: " + "; ".join(parts))
+
+
 @dataclass(frozen=True)
 class TaskKind:
     """A kind of task a family runs: its Parquet columns (documented schema) and its loss."""

@@ -16,7 +16,7 @@ from torch import nn
 
 from unislim.modeling.surgery.scope import task_scope
 
-from .base import DataError, Family, Rows, TaskKind, TokenOutputs
+from .base import Family, RowProblems, Rows, TaskKind, TokenOutputs
 
 
 def _vocab_size(config) -> int | None:
@@ -49,17 +49,21 @@ class CausalLMFamily(Family):
 
     # ------------------------------------------------------------ data
     def check_table(self, kind: str, table, where: str, model_config=None) -> None:
+        """Every row: at least 2 tokens, ids in the model's vocabulary, no longer than its context."""
         super().check_table(kind, table, where, model_config)
         vocab, context = _vocab_size(model_config), _context(model_config)
+        problems = RowProblems()
         for i, ids in enumerate(table.column("input_ids").to_pylist()):
             if ids is None or len(ids) < 2:
-                raise DataError(f"{where} row {i}: input_ids needs at least 2 tokens (got {0 if ids is None else len(ids)})")
+                problems.add("with fewer than 2 tokens", i, f"{0 if ids is None else len(ids)} tokens")
+                continue
             low, high = min(ids), max(ids)
             if low < 0 or (vocab is not None and high >= vocab):
-                raise DataError(f"{where} row {i}: token ids must lie in 0..{(vocab or 0) - 1} (the model's "
-                                f"vocabulary); found {low}..{high}")
+                problems.add(f"with token ids outside 0..{(vocab or 0) - 1} (the model's vocabulary)", i,
+                             f"found {low}..{high}")
             if context is not None and len(ids) > context:
-                raise DataError(f"{where} row {i}: {len(ids)} tokens exceed the model's context of {context}")
+                problems.add(f"longer than the model's context of {context} tokens", i, f"{len(ids)} tokens")
+        problems.raise_if_any(where, table.num_rows)
 
     # ------------------------------------------------------------ batches
     @staticmethod

@@ -18,7 +18,7 @@ from torch import nn
 
 from unislim.modeling.adapters import ADAPTERS, MOT, Adapter
 
-from ..base import ContinuousOutputs, DataError, Family, Rows, TaskKind, TokenOutputs, step_bucket
+from ..base import ContinuousOutputs, DataError, Family, RowProblems, Rows, TaskKind, TokenOutputs, step_bucket
 from .configuration_unidigits import UniDigitsConfig
 from .modeling_unidigits import GEN_SUFFIX
 
@@ -97,27 +97,28 @@ class DigitsFamily(Family):
         return rows
 
     def check_table(self, kind: str, table, where: str, model_config=None) -> None:
+        """Words in the reference vocabulary; images of 128 finite values in [-1, 1]."""
         super().check_table(kind, table, where, model_config)
         from .vocab import TOKENIZER
 
-        columns = [c for c in ("question", "answer", "prompt") if c in table.column_names]
-        for column in columns:
+        problems = RowProblems()
+        for column in [c for c in ("question", "answer", "prompt") if c in table.column_names]:
             for i, text in enumerate(table.column(column).to_pylist()):
                 try:
                     TOKENIZER.encode(str(text))
                 except ValueError as e:
-                    raise DataError(f"{where} row {i}: column {column!r}: {e}") from None
+                    problems.add(f"with {column} words outside the reference vocabulary", i, str(e))
         if "image" in table.column_names:
             for i, image in enumerate(table.column("image").to_pylist()):
-                values = np.asarray(image, dtype=np.float64)
+                values = np.asarray(image if image is not None else [], dtype=np.float64)
                 if values.size != IMAGE_VALUES:
-                    raise DataError(f"{where} row {i}: column 'image' has {values.size} values, expected "
-                                    f"{IMAGE_VALUES} (8 x 16)")
-                if not np.isfinite(values).all():
-                    raise DataError(f"{where} row {i}: column 'image' holds NaN or infinite values")
-                if values.min() < -1.0001 or values.max() > 1.0001:
-                    raise DataError(f"{where} row {i}: column 'image' must lie in [-1, 1] (found "
-                                    f"{values.min():.3g}..{values.max():.3g}; 0..16 or 0..255 scales are not accepted)")
+                    problems.add(f"with an image of other than {IMAGE_VALUES} values (8 x 16)", i, f"{values.size} values")
+                elif not np.isfinite(values).all():
+                    problems.add("with NaN or infinite image values", i, f"{int((~np.isfinite(values)).sum())} of them")
+                elif values.min() < -1.0001 or values.max() > 1.0001:
+                    problems.add("with image values outside [-1, 1] (0..16 or 0..255 scales are not accepted)", i,
+                                 f"found {values.min():.3g}..{values.max():.3g}")
+        problems.raise_if_any(where, table.num_rows)
 
     # ------------------------------------------------------------ calibration
     @torch.no_grad()
