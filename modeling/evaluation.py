@@ -23,8 +23,14 @@ def heldout_rows(family, heldout: str | Path | None, tasks: dict | None, max_row
     """task → (kind, rows as column arrays), at most `max_rows` per task."""
     out = {}
     if heldout is not None:
+        import json
+
         import pyarrow as pa
         import pyarrow.parquet as pq
+
+        listing = Path(heldout).parent / "tasks.json"  # beside a shard stage's heldout/: the task kinds
+        if tasks is None and listing.is_file():
+            tasks = json.loads(listing.read_text())
 
         for folder in sorted(p for p in Path(heldout).iterdir() if p.is_dir()):
             kind = (tasks or {}).get(folder.name, {}).get("kind", folder.name)

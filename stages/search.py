@@ -260,7 +260,8 @@ def run_trial(config: dict, setup: TrialSetup) -> None:
                   "checkpoint": str(trained)}
         if run_id:
             tracking.log_metrics(setup.tracking_uri, run_id, {
-                **{name: metrics[short] for name, short in REPORTED.items()},
+                **{name: metrics[short] for name, short in REPORTED.items() if short in metrics},
+                **{k: v for k, v in metrics.items() if k.split("/")[0] in PER_TASK},
                 "search/score": score, "search/quality": quality, "search/cost_relative": relative}, step=i + 1)
             if final:
                 tracking.set_tags(setup.tracking_uri, run_id, {"unislim.trial_status": "complete"})

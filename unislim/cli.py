@@ -86,6 +86,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg-scale", type=float, default=None, help="CFG scale in [1, 50] (default: the model's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default=None, help="also write metrics.json, metrics.md and plots here")
+    p.add_argument("--heldout", default=None, metavar="DIR",
+                   help="held-out rows: a folder of <task>/*.parquet (a shard stage's heldout/) for NLL, agreement, "
+                        "FLOPs and latency per task (default: the family's own held-out data, where it has some)")
+    p.add_argument("--source", default=None, metavar="CHECKPOINT",
+                   help="the model the checkpoint was made from, for agreement and KL (default: itself)")
 
     p = sub.add_parser("ui", parents=[common], help="MLflow UI over the runs dir, on 127.0.0.1")
     p.add_argument("--runs-dir", default="runs")
@@ -154,11 +159,16 @@ def _evaluate(args) -> int:
             f"{_EVALUATE_FLAGS[err['loc'][0]]}: {err['msg']} (got {err['input']!r})" for err in e.errors()]) from None
     out_dir = _writable_dir(args.out_dir, "--out-dir") if args.out_dir is not None else None
     check_checkpoint(args.checkpoint)
+    if args.source is not None:
+        check_checkpoint(args.source)
+    if args.heldout is not None and not Path(args.heldout).is_dir():
+        raise StorageError(f"--heldout {args.heldout}", "is not a folder of <task>/*.parquet")
     from unislim.stages.evaluate import evaluate_checkpoint, metrics_table
 
     progress = (lambda m: print(m, file=sys.stderr)) if args.json else print
     try:
-        metrics = evaluate_checkpoint(args.checkpoint, **values, out_dir=out_dir, progress=progress)
+        metrics = evaluate_checkpoint(args.checkpoint, **values, source=args.source, heldout=args.heldout,
+                                      out_dir=out_dir, progress=progress)
     except (FileNotFoundError, ValueError) as e:
         return _report("evaluate", e, args.debug)
     print(json.dumps(metrics, indent=2) if args.json else metrics_table(metrics))
