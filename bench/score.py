@@ -11,6 +11,10 @@ interleaved in one process (the order rotates each round, after a warm-up round)
     baseline     (with --baseline FILE) model(...) under FILE's CalibrationRecorder, e.g. an older
                  importance.py from `git show <commit>:modeling/importance.py > FILE`
 
+Then, apart from the model's own noise, one layer (layer 0) alone: its plain forward against the
+recorder's statistics of that layer (its hooks called on the layer's captured tensors), for this
+recorder and the --baseline one.
+
 Each ratio (scored ÷ full, scored ÷ decoder, scored_full ÷ full) is taken within a round and the
 median over rounds is reported, so load that drifts between rounds cancels. Both wall-clock and
 this process's CPU time are recorded; on a CPU shared with other jobs the CPU time is the figure
@@ -121,6 +125,52 @@ def measure(fns: dict, rounds: int, sync) -> dict[str, dict[str, list[float]]]:
     return times
 
 
+class _Captured(Exception):
+    pass
+
+
+def layer_costs(model, ids: torch.Tensor, mask: torch.Tensor, recorders: dict, rounds: int, sync) -> dict:
+    """CPU and wall seconds of layer 0's plain forward and of each recorder's statistics of it."""
+    from unislim.modeling.adapters import adapter_for
+
+    layer, cap = model.model.layers[0], {}
+
+    def keep(key, value, stop=False):
+        cap[key] = value[0] if isinstance(value, tuple) else value
+        if stop:
+            raise _Captured
+
+    hooks = [layer.register_forward_pre_hook(lambda m, a, k: cap.update(x=a[0] if a else k["hidden_states"],
+                                                                        kwargs=k), with_kwargs=True),
+             layer.self_attn.register_forward_hook(lambda m, a, o: keep("attn", o)),
+             layer.mlp.down_proj.register_forward_pre_hook(lambda m, a: keep("h", a[0])),
+             layer.self_attn.o_proj.register_forward_pre_hook(lambda m, a: keep("z", a[0])),
+             layer.register_forward_hook(lambda m, a, o: keep("out", o, stop=True))]
+    try:
+        model.model(input_ids=ids, attention_mask=mask.long())
+    except _Captured:
+        pass
+    finally:
+        for h in hooks:
+            h.remove()
+    mlp, o_proj = "model.layers.0.mlp", "model.layers.0.self_attn.o_proj"
+    fns = {"layer 0 forward": lambda: layer(cap["x"], **cap["kwargs"])}
+    for name, cls in recorders.items():
+        rec = cls(model, adapter_for(model))
+        rec.token_mask = mask
+
+        def stats(rec=rec):  # what the hooks of one layer do, in forward order
+            rec._layer_in(0, (cap["x"],), {})
+            rec._o_in(o_proj, cap["z"])
+            rec._attn_out(0, cap["attn"])
+            rec._mlp_in(mlp, cap["h"])
+            rec._layer_out(0, cap["out"])
+
+        fns[f"{name} statistics"] = stats
+    times = measure(fns, rounds, sync)
+    return {c: {k: statistics.median(v) for k, v in times[c].items()} for c in times}
+
+
 def profile(fns: dict, rows: int, device: str) -> dict[str, str]:
     """torch.profiler tables (top ops by self time) of one decoder and one scored forward."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
@@ -162,8 +212,12 @@ def main() -> None:
     sync = torch.cuda.synchronize if device == "cuda" else lambda: None
 
     fns = forwards(model, ids, mask, args.baseline)
+    from unislim.modeling.importance import CalibrationRecorder
+
+    recorders = {"recorder": CalibrationRecorder, **({"baseline": _recorder_from(args.baseline)} if args.baseline else {})}
     with torch.no_grad():
         times = measure(fns, args.rounds, sync)
+        layer = layer_costs(model, ids, mask, recorders, 3 * args.rounds, sync)
         tables = profile(fns, 15, device) if args.profile else {}
 
     tokens = args.batch * args.tokens
@@ -185,6 +239,11 @@ def main() -> None:
     print("|---|---|---|")
     for label in ratios["wall"]:
         print(f"| {label} | {ratios['wall'][label]:.3f}× | {ratios['cpu'][label]:.3f}× |")
+    print("| one layer (median) | wall ms | CPU ms | ÷ layer forward (CPU) |")
+    print("|---|---|---|---|")
+    for name in layer["wall"]:
+        print(f"| {name} | {layer['wall'][name] * 1e3:.1f} | {layer['cpu'][name] * 1e3:.1f} | "
+              f"{layer['cpu'][name] / layer['cpu']['layer 0 forward']:.4f} |")
     for name, table in tables.items():
         print(f"\n# profile: {name}\n{table}")
 
@@ -194,7 +253,7 @@ def main() -> None:
         "what": what, "args": vars(args), "device": device, "dtype": str(dtype), "torch": torch.__version__,
         "host": platform.node(), "cpu": platform.processor() or platform.machine(),
         "date": datetime.date.today().isoformat(), "primary_clock": primary, "seconds": times,
-        "median_s": median, "ratios": ratios,
+        "median_s": median, "ratios": ratios, "layer_0_median_s": layer,
         "profile": tables,
     }, indent=1))
     print(f"wrote {out}")
