@@ -1,8 +1,9 @@
 """What importance scoring costs: a forward under `CalibrationRecorder` against plain forwards.
 
 On a random causal LM of Qwen2-0.5B's shape (hidden 896, ff 4864, 14 heads / 2 KV, vocab 151,936,
-24 layers; random weights, nothing downloaded) and one batch, four forwards are timed in rounds,
-interleaved in one process (the order rotates each round, after a warm-up round):
+24 layers; random weights, nothing downloaded) and one batch, four forwards (five with --baseline)
+are timed in rounds, interleaved in one process (the order rotates each round, after a warm-up
+round):
 
     full         model(input_ids, attention_mask): the plain causal-LM forward, LM head included
     decoder      model.model(...): the plain decoder alone (no head)
@@ -19,7 +20,7 @@ Each ratio (scored ÷ full, scored ÷ decoder, scored_full ÷ full) is taken wit
 median over rounds is reported, so load that drifts between rounds cancels. Both wall-clock and
 this process's CPU time are recorded; on a CPU shared with other jobs the CPU time is the figure
 to read (wall-clock of one forward moved 3× from round to round on a loaded 2-core VM, CPU time
-a few per cent), on CUDA the wall-clock (synchronised).
+within ±10 %), on CUDA the wall-clock (synchronised).
 
     python bench/score.py                                  # 24 layers, batch 4 × 512 tokens (CPU: minutes)
     python bench/score.py --layers 4 --tokens 256          # quicker
@@ -146,8 +147,8 @@ def layer_costs(model, ids: torch.Tensor, mask: torch.Tensor, recorders: dict, r
              layer.mlp.down_proj.register_forward_pre_hook(lambda m, a: keep("h", a[0])),
              layer.self_attn.o_proj.register_forward_pre_hook(lambda m, a: keep("z", a[0])),
              layer.register_forward_hook(lambda m, a, o: keep("out", o, stop=True))]
-    try:
-        model.model(input_ids=ids, attention_mask=mask.long())
+    try:  # no KV cache: the captured kwargs are replayed, and a cache would grow with every replay
+        model.model(input_ids=ids, attention_mask=mask.long(), use_cache=False)
     except _Captured:
         pass
     finally:
