@@ -15,7 +15,7 @@ Statistics recorded per layer i (names from the adapter):
 
 What they cost (issue 15). A layer's statistics take a few passes over tensors the layer has just
 made: three norms and three dot products per token for the three cosines, one pass over h for the
-neuron sums (in L2-sized chunks on CPU), one norm per head. Reductions run in the activations'
+neuron sums (in L2-sized chunks of real rows on CPU), one norm per head. Reductions run in the activations'
 own precision with torch's pairwise sums (float32 at least) and accumulate in float64 on the
 activations' device, so no activation is copied to float64 and nothing waits for the device
 before `stats()`; the order is fixed, so two runs give bit-identical statistics. A forward run
@@ -111,29 +111,29 @@ def _cos_sums(x: torch.Tensor, mid: torch.Tensor, out: torch.Tensor, keep: torch
     return cos.flatten(1).sum(1, dtype=torch.float64)
 
 
-def _abs_sum(h: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
-    """Σ_t |h_t| over the rows of h (N, ff) not flagged in pad (N,) bool → (ff,) float64.
+def _abs_sum(h: torch.Tensor, pad: torch.Tensor | None, spans: list[tuple[int, int]] | None) -> torch.Tensor:
+    """Σ_t |h_t| over the real rows of h (N, ff) → (ff,) float64.
 
-    On CPU in chunks of rows: |chunk| is written to a buffer that stays in L2 and summed there,
-    one read of h in all (a whole |h| would be a 40 MB temporary at Qwen2-0.5B widths, and
-    `dtype=torch.float64` makes torch copy h to float64 first). Each chunk is summed pairwise in
-    float32, the chunks in float64.
+    The real rows are those not flagged in pad (N,) bool on a GPU, and the runs [start, end) of
+    `spans` on CPU (None: every row). On CPU h is read once, in chunks of rows: |chunk| goes to a
+    buffer that stays in L2 and is summed there, so no |h| temporary (40 MB at Qwen2-0.5B widths),
+    no float64 copy (`sum(dtype=torch.float64)` would make one) and no masking pass (padding rows
+    are never read). Each chunk is summed pairwise in float32, the chunks in float64.
     """
     acc = _acc(h.dtype)
     if h.device.type != "cpu":  # one kernel each; the caching allocator makes the temporary cheap
         a = h.abs()
         if pad is not None:
-            a.masked_fill_(pad[:, None], 0)
+            a.masked_fill_(pad[:, None], 0)  # not a product: a padding row may hold NaN
         return a.sum(0, dtype=acc).double()
     n, ff = h.shape
     rows = max(1, _CPU_CHUNK // ff)
     buf = torch.empty(min(rows, n), ff, dtype=h.dtype)
     total = torch.zeros(ff, dtype=torch.float64)
-    for start in range(0, n, rows):
-        a = torch.abs(h[start:start + rows], out=buf[:min(rows, n - start)])  # (r, ff)
-        if pad is not None:
-            a.masked_fill_(pad[start:start + rows, None], 0)
-        total += a.sum(0, dtype=acc)
+    for first, end in [(0, n)] if spans is None else spans:
+        for start in range(first, end, rows):
+            stop = min(start + rows, end)
+            total += torch.abs(h[start:stop], out=buf[:stop - start]).sum(0, dtype=acc)  # (ff,)
     return total
 
 
@@ -164,6 +164,20 @@ class _Masking:
     keep: torch.Tensor | None  # (B, T) bool on the activations' device; None: every token is real
     pad: torch.Tensor | None  # (B·T,) bool, ~keep flattened
     count: int | torch.Tensor  # real tokens per (B, T) tensor: an int, or a float64 device tensor
+    spans: list[tuple[int, int]] | None = None  # CPU: the runs [start, end) of real rows of the B·T
+
+    @staticmethod
+    def of(keep: torch.Tensor) -> _Masking:
+        """From a (B, T) bool mask on the activations' device. On CPU, where looking at the mask
+        costs no wait, a mask of real tokens only is dropped and the real rows are listed as runs."""
+        if keep.device.type != "cpu":
+            return _Masking(keep, ~keep.reshape(-1), keep.sum(dtype=torch.float64))
+        flat = keep.reshape(-1)
+        if bool(flat.all()):
+            return _Masking(None, None, flat.numel())
+        edges = [0, *(torch.nonzero(flat[1:] != flat[:-1]).flatten() + 1).tolist(), flat.numel()]
+        spans = [(a, b) for a, b in zip(edges[:-1], edges[1:]) if flat[a]]
+        return _Masking(keep, ~flat, sum(b - a for a, b in spans), spans)
 
 
 class _StopForward(BaseException):
@@ -176,7 +190,7 @@ class _StopForward(BaseException):
         self.recorder = recorder
 
 
-R = TypeVar("R")
+_R = TypeVar("_R")
 
 
 class CalibrationRecorder:
@@ -235,10 +249,11 @@ class CalibrationRecorder:
 
     def __exit__(self, *exc) -> None:
         self._entered = False
-        self._inputs.clear(), self._mids.clear()
+        self._inputs.clear()
+        self._mids.clear()
         self._hooks.__exit__(*exc)
 
-    def run(self, fn: Callable[[], R], stop_early: bool | None = None) -> R | None:
+    def run(self, fn: Callable[[], _R], stop_early: bool | None = None) -> _R | None:
         """`fn()` (a model forward) under the hooks: its result, or None when it was stopped early.
 
         stop_early (default: the constructor's): end the forward once the last decoder layer's
@@ -255,7 +270,8 @@ class CalibrationRecorder:
             return None
         finally:
             self._stop_at = None
-            self._inputs.clear(), self._mids.clear()
+            self._inputs.clear()  # a forward that failed half-way leaves its layers' inputs behind
+            self._mids.clear()
 
     @property
     def require_data(self) -> bool:
@@ -287,20 +303,14 @@ class CalibrationRecorder:
                 self._sums[k] = value.clone()  # value may be a view shared by several keys
 
     def _mask_for(self, x: torch.Tensor) -> _Masking:
-        """The masking of x (B, T, ·); 2-D inputs (N, ·) are rows already routed: all are counted.
-
-        On CPU a mask of real tokens only is dropped (a free check there; on a GPU it would wait)."""
+        """The masking of x (B, T, ·); 2-D inputs (N, ·) are rows already routed: all are counted."""
         if x.dim() != 3 or self._token_mask is None:
             return _Masking(None, None, x.shape[0] if x.dim() != 3 else x.shape[0] * x.shape[1])
         if self._token_mask.shape != x.shape[:2]:
             raise ValueError(f"token_mask of shape {tuple(self._token_mask.shape)} does not match activations "
                              f"{tuple(x.shape)} (B, T, ·)")
         if self._masking is None or self._masking[0] != x.device:
-            keep = self._token_mask.to(x.device, torch.bool)
-            if keep.device.type == "cpu" and bool(keep.all()):
-                self._masking = (x.device, _Masking(None, None, keep.numel()))
-            else:
-                self._masking = (x.device, _Masking(keep, ~keep.reshape(-1), keep.sum(dtype=torch.float64)))
+            self._masking = (x.device, _Masking.of(self._token_mask.to(x.device, torch.bool)))
         return self._masking[1]
 
     def _layer_in(self, i: int, args, kwargs) -> None:
@@ -324,7 +334,7 @@ class CalibrationRecorder:
     def _mlp_in(self, name: str, h: torch.Tensor) -> None:  # h (B, T, ff) or (N, ff)
         h = h.detach()
         masking = self._mask_for(h)
-        self._add(f"{name}.abs_sum", _abs_sum(h.reshape(-1, h.shape[-1]), masking.pad))  # Σ|h|
+        self._add(f"{name}.abs_sum", _abs_sum(h.reshape(-1, h.shape[-1]), masking.pad, masking.spans))  # Σ|h|
         self._add(f"{name}.tokens", masking.count)
 
     def _o_in(self, name: str, z: torch.Tensor) -> None:  # z (B, T, H·hd) or (N, H·hd)

@@ -416,3 +416,42 @@ def test_token_mask_must_match_the_batch(qwen_loud):
         with CalibrationRecorder(qwen_loud, adapter_for(qwen_loud)) as rec, torch.no_grad():
             rec.token_mask = torch.ones(2, 4, dtype=torch.bool)
             rec.run(lambda: qwen_loud(input_ids=torch.zeros(2, 5, dtype=torch.long)))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_recorder_on_cuda_matches_reference_and_adds_no_sync(qwen_loud, dtype):
+    """The device path (whole-tensor reductions, padding as a flag) against the reference on the
+    same device; and a scored forward waits for the GPU no more often than a plain one."""
+    import copy
+    import warnings
+
+    model = copy.deepcopy(qwen_loud).to("cuda", dtype)
+    ids, mask = (t.cuda() for t in _padded_text())
+
+    def drive(rec):
+        rec.token_mask = mask
+        model(input_ids=ids, attention_mask=mask.long())
+        rec.token_mask = None
+        model(input_ids=ids[:2])
+
+    want = {k: v.cpu() for k, v in _reference_stats(model, drive).items()}
+    _assert_same_stats(_recorded_stats(model, drive), want, rtol=1e-6 if dtype == torch.float32 else 1e-5)
+
+    def syncs(fn) -> int:
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as seen, torch.no_grad():
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                fn()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return sum("synchroniz" in str(w.message) for w in seen)
+
+    plain = syncs(lambda: model(input_ids=ids, attention_mask=mask.long()))
+    with CalibrationRecorder(model, adapter_for(model)) as rec:
+        rec.token_mask = mask
+        scored = syncs(lambda: rec.run(lambda: model(input_ids=ids, attention_mask=mask.long())))
+    assert scored <= plain
