@@ -268,6 +268,14 @@ def run_digits(args, device: str) -> list[dict]:
     return rows
 
 
+def _cpu_name() -> str:
+    try:
+        names = [ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")]
+        return f"{names[0]} x {len(names)}" if names else platform.processor()
+    except OSError:
+        return platform.processor()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
@@ -309,7 +317,7 @@ def main() -> None:
     out = Path(args.out or Path(__file__).parent / "results" / default)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"command": " ".join(["python -P bench/moe.py", *sys.argv[1:]]), "date": datetime.date.today().isoformat(),
-            "device": args.device, "device_name": torch.cuda.get_device_name() if cuda else platform.processor(),
+            "device": args.device, "device_name": torch.cuda.get_device_name() if cuda else _cpu_name(),
             "dtype": str(dtype), "threads": args.threads, "torch": torch.__version__, "host": platform.node()}
     out.write_text(json.dumps({**meta, "args": {k: v for k, v in vars(args).items()}, "rows": rows}, indent=1))
     print(f"wrote {out}")
