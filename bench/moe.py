@@ -4,6 +4,7 @@
         [--layouts 8/2/2,16/2/6,64/8/24] [--impls loop,grouped,fused,grouped_padded,masked,auto] \
         [--modes fwd,fwd+bwd] [--threads 1] [--out bench/results/moe.json]
     python -P bench/moe.py --digits [--repeats 15]   # generation of the digits model: dense vs its MoE, per impl
+    python -P bench/moe.py --profile 64/8/24:fused    # torch.profiler's top ops of one case, fwd and fwd+bwd
 
 One process. For each width and token count: a dense SwiGLU MLP (three nn.Linear, as in Qwen2),
 a half-width one (the limit for 50% activation) and one `MoEMLP` per layout E/S/k (E experts, S
@@ -194,10 +195,41 @@ def print_table(rows: list[dict], modes: list[str], device: str) -> None:
     print()
 
 
+def run_profile(args, device: str, dtype: torch.dtype) -> list[dict]:
+    """Self time by op of one layout:impl (and of the dense MLP) at the first width and token count."""
+    from torch.profiler import ProfilerActivity, profile
+
+    layout, impl = args.profile.split(":")
+    d, ff = WIDTHS[args.widths[0]]
+    dense, _, moes = build(d, ff, [layout], device, dtype)
+    g = torch.Generator(device=device).manual_seed(2)
+    x = torch.randn(args.tokens[0], d, generator=g, device=device, dtype=dtype)
+    grad = torch.randn(args.tokens[0], d, generator=g, device=device, dtype=dtype)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    rows = []
+    for name, case in (("dense", (dense, None)), (f"{layout} {impl}", (moes[layout], impl))):
+        for mode in args.modes:
+            fn = timed(case, x, grad, mode)
+            fn()  # warm-up
+            with profile(activities=activities) as prof:
+                fn()
+            events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+            total = sum(e.self_cpu_time_total for e in events)
+            print(f"\n{name}, {mode}: {total / 1e3:.1f} ms of self CPU time")
+            print("| op | ms | share | calls |\n|---|---|---|---|")
+            top = [{"op": e.key, "ms": e.self_cpu_time_total / 1e3, "share": e.self_cpu_time_total / total,
+                    "calls": e.count} for e in events[:12]]
+            for t in top:
+                print(f"| {t['op']} | {t['ms']:.1f} | {t['share']:.1%} | {t['calls']} |")
+            rows.append({"case": name, "mode": mode, "total_ms": total / 1e3, "top": top})
+    return rows
+
+
 def run_digits(args, device: str) -> list[dict]:
     """Generation (`generate_images`) of the `small` digits model, dense vs MoE with each impl.
     Random weights (timing only); MoE in the default layers with the default 64/8/24 layout."""
-    from unislim.modeling.families.digits import UniDigitsModel, convert_to_moe, make_batch, reference_config
+    from unislim.modeling.accelerate import timing_batches
+    from unislim.modeling.families.digits import UniDigitsModel, convert_to_moe, reference_config
 
     torch.manual_seed(0)
     dense = UniDigitsModel(reference_config("small", "shared")).to(device).eval()
@@ -206,7 +238,7 @@ def run_digits(args, device: str) -> list[dict]:
     scores = {n: torch.rand(ff, generator=torch.Generator().manual_seed(i)) for i, n in enumerate(names)}
     moe, _ = convert_to_moe(dense, scores, num_experts=64, num_shared=8, top_k=24, impl="auto")
     moe = moe.to(device).eval()
-    prompts = make_batch(args.digits_prompts, torch.Generator().manual_seed(3))["gen_prompt_ids"].to(device)
+    prompts = timing_batches(1, args.digits_prompts, seed=3, device=device)[2]  # (prompts, P), as bench/accelerate.py
     mlps = list(moe.moe_mlps().values())
     x_probe = torch.zeros(prompts.shape[0] * 2 * (prompts.shape[1] + dense.config.num_image_tokens),
                           dense.config.hidden_size, device=device)
@@ -236,6 +268,14 @@ def run_digits(args, device: str) -> list[dict]:
     return rows
 
 
+def _cpu_name() -> str:
+    try:
+        names = [ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")]
+        return f"{names[0]} x {len(names)}" if names else platform.processor()
+    except OSError:
+        return platform.processor()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
@@ -250,6 +290,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--digits", action="store_true", help="time digits-model generation instead of the MLP alone")
     ap.add_argument("--digits-prompts", type=int, default=6)
+    ap.add_argument("--profile", default=None, metavar="LAYOUT:IMPL", help="profile one case instead of timing")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     cuda = args.device == "cuda"
@@ -266,12 +307,17 @@ def main() -> None:
                 ap.error(f"--widths: {w!r} is neither one of {sorted(WIDTHS)} nor DxFF")
     torch.set_num_threads(args.threads)
 
-    rows = run_digits(args, args.device) if args.digits else run_mlp(args, args.device, dtype)
-    default = f"moe-digits-{args.device}.json" if args.digits else f"moe-{args.device}.json"
+    if args.profile:
+        rows, kind = run_profile(args, args.device, dtype), "profile-"
+    elif args.digits:
+        rows, kind = run_digits(args, args.device), "digits-"
+    else:
+        rows, kind = run_mlp(args, args.device, dtype), ""
+    default = f"moe-{kind}{args.device}.json"
     out = Path(args.out or Path(__file__).parent / "results" / default)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"command": " ".join(["python -P bench/moe.py", *sys.argv[1:]]), "date": datetime.date.today().isoformat(),
-            "device": args.device, "device_name": torch.cuda.get_device_name() if cuda else platform.processor(),
+            "device": args.device, "device_name": torch.cuda.get_device_name() if cuda else _cpu_name(),
             "dtype": str(dtype), "threads": args.threads, "torch": torch.__version__, "host": platform.node()}
     out.write_text(json.dumps({**meta, "args": {k: v for k, v in vars(args).items()}, "rows": rows}, indent=1))
     print(f"wrote {out}")

@@ -2,15 +2,16 @@
 
 Why one Function instead of autograd over a loop: the loop's backward is dominated by glue, not
 math. Every `x[rows]` and `w[e]` in it is an autograd node whose backward allocates a full
-(N, d) or (E, f, d) zero tensor to hold one expert's slice, and autograd then sums R of them
-(2.8x the dense MLP's forward + backward at 64 experts, against 0.5x of arithmetic). Here the
+(N, d) or (E, f, d) zero tensor to hold one expert's slice, and autograd then sums R of them:
+at 0.5B widths, 64 experts, the loop's forward + backward costs 1.3-1.5x the dense MLP's at 2,048
+tokens and 2.8x at 256, for half the arithmetic (BENCHMARKS.md, issue 15). Here the
 forward and the backward are written out expert by expert, and dx, dw_gate, dw_up, dw_down are
 each one buffer filled in place.
 
 Per routed expert e, on its n slots (rows of x sorted by expert):
     x_e = x[rows]                        index_select into a reused (n_max, d) block
-    a = x_e @ [W_gate_e; W_up_e]^T       one GEMM of width 2f for gate and up (f alone is too narrow
-                                         for the BLAS to run at full speed: 76 neurons at 0.5B widths)
+    a = x_e @ [W_gate_e; W_up_e]^T       one GEMM of width 2f for gate and up (MKL ran 76 output
+                                         columns at 61 GFLOP/s, 152 at 73, one core)
     h = act(a_gate) * a_up  (* g)        the gate scales h (n, f), not the output (n, d)
     out[rows] += h @ W_down_e^T          index_add_
 The shared experts are one dense MLP of width S * f over every row (no gather). Only the
