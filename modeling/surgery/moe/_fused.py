@@ -139,7 +139,7 @@ class _FusedMoE(torch.autograd.Function):
         token, x, g, w_gate, w_up, w_down, b_gate, b_up, a_shared, a_all = ctx.saved_tensors
         spec = ctx.spec
         need_x, need_g, need_wg, need_wu, need_wd, need_bg, need_bu = ctx.needs_input_grad[2:]
-        S, f, gated, (N, d) = spec.num_shared, w_up.shape[1], w_gate is not None, x.shape
+        S, f, gated, d = spec.num_shared, w_up.shape[1], w_gate is not None, x.shape[1]
         need_a = need_x or need_wg or need_wu or need_bg or need_bu
         grad_out = grad_out.contiguous()
         unused = [S + j for j, n in enumerate(spec.counts) if n == 0]  # experts whose gradient is 0
