@@ -7,9 +7,9 @@ the manifest is inside, so a stage killed half-way never leaves an output that l
 a rerun finds and reuses what finished.
 
 Several writers (two `unislim run` on one runs dir, nodes sharing it over NFS):
-- `stage_lock` (`.locks/<key>.run`, held while a stage computes a key) makes a second run wait for
+- `stage_lock` (`.unislim/locks/<stage>/<key>.run`, held while a stage computes a key) makes a second run wait for
   the first and then reuse its output, instead of computing it twice into one Ray Train folder;
-- `commit` swaps the temp folder in under `.locks/<key>.commit`, and a reader that finds no
+- `commit` swaps the temp folder in under `.unislim/locks/<stage>/<key>.commit`, and a reader that finds no
   complete output looks again under that lock, so it never sees the gap of a forced replace;
 - a temp folder is swept only by its own host, and only once its PID is gone there.
 The locks are `filelock` (flock) files: on NFS they need a server with lock support (NFSv4, or
@@ -281,8 +281,9 @@ def _host() -> str:
 
 
 def _lock_path(final: Path, kind: str) -> Path:
-    """`<runs>/<stage>/.locks/<key>.<kind>`: `commit` and `run` locks, the `holder` note."""
-    return final.parent / ".locks" / f"{final.name}.{kind}"
+    """`<runs>/.unislim/locks/<stage>/<key>.<kind>`: the `commit` and `run` locks, the `holder` note
+    (outside the stage folder, which holds outputs and temp folders only)."""
+    return final.parent.parent / ".unislim" / "locks" / final.parent.name / f"{final.name}.{kind}"
 
 
 def _commit_lock_path(final: Path) -> Path:
@@ -292,7 +293,7 @@ def _commit_lock_path(final: Path) -> Path:
 @contextmanager
 def stage_lock(runs_dir: Path, stage: str, key: str,
                on_wait: Callable[[str], None] | None = None) -> Iterator[None]:
-    """Hold `<runs>/<stage>/.locks/<key>.run` while computing that output.
+    """Hold `<runs>/.unislim/locks/<stage>/<key>.run` while computing that output.
 
     A second run that needs the same output waits here (`on_wait` is told once who holds it) and
     then finds it complete. The lock goes with its holder's process, so a killed run frees it."""
@@ -350,7 +351,7 @@ class StageOutput:
         manifest.complete = True
         manifest.save(self.tmp)
         old = None
-        _commit_lock_path(self.final).parent.mkdir(exist_ok=True)
+        _commit_lock_path(self.final).parent.mkdir(parents=True, exist_ok=True)
         with FileLock(_commit_lock_path(self.final)):
             if self.final.exists():
                 if not replace:

@@ -3,7 +3,8 @@ adapt resumes from its last checkpoint, the dead drivers' runs are marked KILLED
 `score` runs give the same bytes (so nothing downstream of score reruns).
 
 Starts from a copy of the session's tiny run (pretrain, shard, score, prune done); partition and
-adapt are added (their training rows fit in what pretrain already read, so shard's key holds).
+adapt (its MoE phase only) are added; their training rows fit in what pretrain already read, so
+shard's key holds.
 Each driver is a subprocess joining the session's Ray cluster.
 """
 
@@ -30,7 +31,7 @@ pytestmark = pytest.mark.slow
 
 PARTITION = {"enabled": True, "layers": [0, 1], "num_experts": 8, "num_shared": 2, "active_fraction": 0.5,
              "impl": "loop"}
-ADAPT = {"enabled": True, "eft_steps": 4, "moe_steps": 16, "batch_size": 8, "num_workers": 1, "warmup_steps": 1,
+ADAPT = {"enabled": True, "eft_steps": 0, "moe_steps": 16, "batch_size": 8, "num_workers": 1, "warmup_steps": 1,
          "checkpoint_every": 4, "log_every": 2}
 
 
@@ -41,7 +42,7 @@ def _start(config: Path, runs: Path, address: str) -> subprocess.Popen:
                             env={**os.environ, "RAY_DEDUP_LOGS": "0", "PYTHONUNBUFFERED": "1"})
 
 
-def _kill_when(proc: subprocess.Popen, stage: str, text: str, timeout: float = 600) -> str:
+def _kill_when(proc: subprocess.Popen, stage: str, text: str, timeout: float = 1200) -> str:
     """SIGKILL the driver (only the driver: its stage tasks live in the cluster) once `[stage] … text`."""
     seen, deadline = [], time.time() + timeout
     try:
@@ -82,7 +83,7 @@ def test_sigkill_during_score_and_adapt_then_a_rerun(tiny_run, ray_cluster, tmp_
 
     rerun = subprocess.run([sys.executable, "-m", "unislim.cli", "run", str(config), "--runs-dir", str(runs),
                             "--address", ray_cluster, "--force", "score"], capture_output=True, text=True,
-                           cwd=REPO, timeout=900)
+                           cwd=REPO, timeout=1500)
     out = rerun.stdout + rerun.stderr
     assert rerun.returncode == 0, out[-4000:]
     assert "Traceback" not in out
@@ -94,7 +95,7 @@ def test_sigkill_during_score_and_adapt_then_a_rerun(tiny_run, ray_cluster, tmp_
 
     (adapted,) = [p for p in (runs / "adapt").iterdir() if load_complete(p)]
     log = json.loads((adapted / "history.json").read_text())
-    assert log["resumed_from"]["moe"] and log["resumed_from"]["moe"][0] in (4, 8), log["resumed_from"]
+    assert log["resumed_from"] == {"moe": [8]}, log["resumed_from"]  # killed after step 10, last checkpoint 8
     assert [e["step"] for e in log["history"]["moe"]] == list(range(2, 17, 2))
 
     client = MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
