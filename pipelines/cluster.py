@@ -129,12 +129,12 @@ def can_autoscale() -> bool:
                 or any(not readonly.fullmatch(t) for t in types))
 
 
-def _local_store_problem(uri: str, nodes: int, grows: bool) -> str:
-    where = f"has {nodes} nodes" if nodes > 1 else "can add nodes (it has an autoscaler)"
-    return (f"the Ray cluster {where} but the MLflow tracking URI is a local store ({uri}): stages on other "
-            "nodes cannot write to it. Start an MLflow server and pass --tracking-uri http://HOST:5000 (or set "
-            "MLFLOW_TRACKING_URI), with --runs-dir on storage every node mounts (NFS, or an S3 mount); see "
-            "cluster/README.md")
+def _local_store_problem(uri: str, nodes: int) -> ClusterError:
+    what = f"has {nodes} nodes" if nodes > 1 else "can add nodes (it has an autoscaler)"
+    return ClusterError(f"MLflow tracking store {uri}", f"is local, but the Ray cluster {what}: stages on other nodes "
+                        "cannot write to it. Start an MLflow server and pass --tracking-uri http://HOST:5000 (or set "
+                        "MLFLOW_TRACKING_URI), with --runs-dir on storage every node mounts (NFS, or an S3 mount); see "
+                        "cluster/README.md")
 
 
 def check_cluster(uri: str, runs_dir: Path) -> None:
@@ -144,7 +144,7 @@ def check_cluster(uri: str, runs_dir: Path) -> None:
     nodes = len([n for n in ray.nodes() if n.get("Alive")])
     grows = can_autoscale()
     if nodes > 1 or grows:
-        raise ClusterError("--tracking-uri", _local_store_problem(uri, nodes, grows))
+        raise _local_store_problem(uri, nodes)
 
 
 def check_stage_node(uri: str, runs_dir: Path, home_node: str, driver_lock: str) -> None:
@@ -162,8 +162,9 @@ def check_stage_node(uri: str, runs_dir: Path, home_node: str, driver_lock: str)
     here = ray.get_runtime_context().get_node_id()
     nodes = len([n for n in ray.nodes() if n.get("Alive")])
     if here != home_node or nodes > 1:
-        raise ClusterError("--tracking-uri", _local_store_problem(uri, nodes, False) +
-                           f" (a node joined after the run started; this stage was placed on {node_name()})")
+        e = _local_store_problem(uri, max(nodes, 2))
+        raise ClusterError(e.where, f"{e.problem} (a node joined after the run started; this stage was placed on "
+                           f"{node_name()})")
 
 
 def check_fits(stage: str, section: Any) -> None:

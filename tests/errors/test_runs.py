@@ -213,3 +213,25 @@ def test_a_killed_score_worker_fails_the_stage_clearly_and_never_hangs(runs, ray
     parent = _newest_parent(runs)
     assert parent.info.status == "FAILED" and _children(runs, parent.info.run_id)["score"].info.status == "FAILED"
     assert_no_running_mlflow_run(runs)
+
+
+def test_every_stage_checks_where_it_runs(ray_cluster, tmp_path):
+    """The checks a stage task makes before it starts (run here in the driver process)."""
+    from unislim.errors import ClusterError
+    from unislim.pipelines import cluster, tracking
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    lock = tracking.DriverLock(runs)
+    here = __import__("ray").get_runtime_context().get_node_id()
+    local = f"sqlite:///{runs / 'mlflow.db'}"
+    assert not cluster.can_autoscale()  # a `ray.init()` cluster: the monitor's read-only provider
+    cluster.check_stage_node(local, runs, here, lock.rel)  # the driver's node, the driver's runs dir: fine
+    with pytest.raises(ClusterError, match=r"a node joined after the run started") as joined:
+        cluster.check_stage_node(local, runs, "0" * 56, lock.rel)  # placed on another node
+    assert joined.value.where == f"MLflow tracking store {local}" and "cluster/README.md" in str(joined.value)
+    cluster.check_stage_node("http://127.0.0.1:5000", runs, "0" * 56, lock.rel)  # a server: any node will do
+    lock.release()
+    with pytest.raises(ClusterError, match=r"is not shared storage") as unshared:
+        cluster.check_stage_node("http://127.0.0.1:5000", runs, here, lock.rel)  # this node has no driver lock
+    assert unshared.value.where == f"--runs-dir {runs}"
