@@ -110,7 +110,7 @@ def run(cfg: Any, inputs: dict, ctx: Any) -> dict[str, str]:
         buckets = [str(b) for b in range(sc.step_buckets)] if info["kind"] == "gen" else []
         scores = ray.get(workers[0].scores.remote(stats, buckets))
         save_file({k: v.contiguous() for k, v in scores.items()}, str(out / "scores" / f"{name}.safetensors"),
-                  metadata={"task": name, "kind": info["kind"], "rows": str(scored)})
+                  metadata={"kind": info["kind"]})  # one key: safetensors writes several in random order
         all_scores[name] = scores
         ctx.progress(f"{name}: done; least important blocks {_order(scores['layer_importance.block'])[:3]}")
     for w in workers:

@@ -133,12 +133,22 @@ def _run(args) -> int:
                               address=args.address, tracking_uri=args.tracking_uri)
     except (ClusterError, ValueError, FileNotFoundError) as e:
         return _report("run", e, args.debug)
+    except KeyboardInterrupt:
+        print("unislim run: interrupted (Ctrl-C); the stages it stopped and the pipeline run are marked KILLED "
+              f"in MLflow, finished stage outputs stay cached in {runs_dir}", file=sys.stderr, flush=True)
+        return 130
     finally:
         if previous is None:
             os.environ.pop("UNISLIM_CONNECT_TIMEOUT", None)
         else:
             os.environ["UNISLIM_CONNECT_TIMEOUT"] = previous
-    return 0 if result.ok else 1
+    if result.ok:
+        return 0
+    failed = [r for r in result.stages.values() if r.status == "failed"]
+    if failed and all(r.user_error for r in failed):  # bad input met inside a stage: exit 2, one line
+        print(f"unislim run: {'; '.join(f'stage {r.id}: {r.error}' for r in failed)}", file=sys.stderr, flush=True)
+        return 2
+    return 1
 
 
 _EVALUATE_FLAGS = {"n_und": "--n-und", "n_gen": "--n-gen", "steps": "--steps", "cfg_scale": "--cfg-scale",

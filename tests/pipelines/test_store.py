@@ -89,7 +89,7 @@ out = StageOutput({str(tmp_path)!r}, "s", "k").__enter__()
 os.kill(os.getpid(), signal.SIGKILL)
 """
     subprocess.run([sys.executable, "-c", code])
-    stale = list((tmp_path / "s").glob(".tmp-k-*"))
+    stale = list((tmp_path / "s").glob(".tmp-k~*"))
     assert len(stale) == 1 and load_complete(tmp_path / "s" / "k") is None
     with StageOutput(tmp_path, "s", "k") as out:  # the next writer removes the dead one's folder
         out.commit(Manifest(stage="s", key="k", dir=""))
