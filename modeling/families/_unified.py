@@ -80,6 +80,16 @@ def device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def data_processing():
+    """Run the VQ (image → codes for a teacher-forced target) outside any active FLOP counter
+    (`modeling.flops` counts through a torch dispatch mode): turning a target image into codes is
+    data processing, like tokenising a prompt, not the model's compute. Its parameters count in
+    `params/total` only."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    return _disable_current_modes()
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The model inside a DeepSpeed engine / DDP wrapper (whose only child is `module`)."""
     while list(model._modules) == ["module"]:
@@ -221,16 +231,22 @@ class UnifiedFamily(Family):
         labels = _pad([[IGNORE] * prompt.shape[1] + a for a in answers], IGNORE)
         return {"input_ids": ids, "attention_mask": full, "position_ids": position_ids(full), "labels": labels, **out}
 
-    def _und_logits(self, model: nn.Module, enc: dict[str, torch.Tensor]) -> torch.Tensor:
+    def und_inputs(self, model: nn.Module, enc: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
+                                                                                   torch.Tensor]:
+        """Encoded und rows as the model's inputs on its device, and the image-token positions of
+        each sequence (B, T) bool (V-norm pruning ranks them)."""
         device = device_of(model)
         inputs = {k: v.to(device) for k, v in enc.items() if k != "labels"}
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-        with task_scope(model, "und", token_mask=inputs["attention_mask"].bool()), \
-                self.visual_pruning(model, inputs["input_ids"]):
+        return inputs, self.image_token_mask(model, inputs["input_ids"])
+
+    def _und_logits(self, model: nn.Module, enc: dict[str, torch.Tensor]) -> torch.Tensor:
+        inputs, image = self.und_inputs(model, enc)
+        with task_scope(model, "und", token_mask=inputs["attention_mask"].bool()), self.visual_pruning(model, image):
             return model(**inputs, use_cache=False).logits  # (B, T, V); no cache: MoD routers route
 
-    def visual_pruning(self, model: nn.Module, input_ids: torch.Tensor):
+    def visual_pruning(self, model: nn.Module, image: torch.Tensor):
         """FlashU's V-norm visual-token pruning around an understanding forward or decoding loop,
         when `token_pruning` = (layer, keep) is set (`_decoding.VisualTokenPruner`); else nothing."""
         if self.token_pruning is None:
@@ -240,7 +256,6 @@ class UnifiedFamily(Family):
         if not 0 <= layer < len(layers) - 1:
             raise ValueError(f"token_pruning.layer must be in 0..{len(layers) - 2} (later layers read the kept "
                              f"tokens; the model has {len(layers)} layers), got {layer}")
-        image = self.image_token_mask(model, input_ids.to(device_of(model)))
         return VisualTokenPruner(layers, layer, image, keep)
 
     # ------------------------------------------------------------ stage-facing methods
@@ -347,11 +362,9 @@ class UnifiedFamily(Family):
         ids again would re-count an image placeholder the model happened to generate."""
         device = device_of(model)
         tok = self.processor(model).tokenizer
-        extra = {k: v.to(device) for k, v in enc.items() if k not in ("input_ids", "attention_mask", "labels",
-                                                                       "position_ids")}
-        if "pixel_values" in extra:
-            extra["pixel_values"] = extra["pixel_values"].to(model.dtype)
-        prompt, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+        extra, image = self.und_inputs(model, enc)
+        prompt, mask = extra.pop("input_ids"), extra.pop("attention_mask")
+        extra.pop("position_ids", None)
         b = prompt.shape[0]
         layers, lm = self.decoder_layers(model), self.language_model(model)
         tokens: list[torch.Tensor] = []
@@ -360,7 +373,7 @@ class UnifiedFamily(Family):
         merged: dict[str, torch.Tensor] = {}
         cache = None
         result = Generation(tokens=prompt.new_zeros(b, 0))
-        with LayerSkip(layers) as skip, self.visual_pruning(model, prompt):
+        with LayerSkip(layers) as skip, self.visual_pruning(model, image):
             for s in range(max_new_tokens):
                 step = run_step_hook(step_hook, DecodeStep(s, max_new_tokens, "und"), len(layers))
                 result.skipped.append(set(step.skip_layers))

@@ -34,7 +34,7 @@ from unislim.modeling.adapters import ADAPTERS, Adapter
 from unislim.modeling.surgery.scope import task_scope
 
 from ._decoding import DecodeStep, Generation, LayerSkip, cfg_scale_at, run_step_hook
-from ._unified import UnifiedFamily, _column, device_of, position_ids, split_rows
+from ._unified import UnifiedFamily, _column, data_processing, device_of, position_ids, split_rows, unwrap
 from .base import DataError, Rows, TaskKind
 from .janus import CFG_PASSES, bucket_ranges
 
@@ -93,6 +93,19 @@ class Emu3Family(UnifiedFamily):
         except DataError:  # no processor at hand: Emu3-Gen's 90 x 90 grid
             h = w = 90
         return h * (w + 1)
+
+    def und_inputs(self, model: nn.Module, enc: dict[str, torch.Tensor]):
+        """As the base, but the image placeholders already hold the image's visual ids (and line
+        ends), its VQ codes computed here as data processing (`data_processing`): what
+        `Emu3Model.forward` does with `pixel_values`, bit for bit, with the VQ outside the FLOPs."""
+        inputs, image = super().und_inputs(model, enc)
+        pixels, sizes = inputs.pop("pixel_values", None), inputs.pop("image_sizes", None)
+        if pixels is not None:
+            with torch.no_grad(), data_processing():
+                visual = unwrap(model).model.get_image_tokens(pixels, sizes)  # (Σ h·(w+1),)
+            assert visual.numel() == int(image.sum()), (visual.numel(), int(image.sum()))
+            inputs["input_ids"] = inputs["input_ids"].masked_scatter(image, visual.to(inputs["input_ids"].dtype))
+        return inputs, image
 
     # ------------------------------------------------------------ rows → tensors
     def area(self, processor, image_area: int | None = None) -> int:
@@ -153,8 +166,8 @@ class Emu3Family(UnifiedFamily):
         return out
 
     def image_codes(self, model: nn.Module, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> torch.Tensor:
-        """Target images → VQ codes (B, h, w); the VQ is frozen data processing."""
-        with torch.no_grad():
+        """Target images → VQ codes (B, h, w); the VQ is frozen data processing (`data_processing`)."""
+        with torch.no_grad(), data_processing():
             out = model.model.vqmodel.encode(pixel_values.to(device_of(model), model.dtype), image_sizes)
         return torch.stack(list(out.image_tokens))
 

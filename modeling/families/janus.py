@@ -34,7 +34,7 @@ from unislim.modeling.surgery.scope import task_scope
 from unislim.modeling.surgery.mod.layer import select_cache_rows
 
 from ._decoding import DecodeStep, Generation, LayerSkip, cfg_scale_at, check_guidance, run_step_hook, unguided_from
-from ._unified import UnifiedFamily, _column, device_of, position_ids, split_rows
+from ._unified import UnifiedFamily, _column, data_processing, device_of, position_ids, split_rows
 from .base import DataError, Rows, TaskKind
 
 # Built-in adapter facts (keys of `modeling.adapters.Adapter`): a Llama LM, sizes in text_config.
@@ -137,8 +137,9 @@ class JanusFamily(UnifiedFamily):
         return out
 
     def image_codes(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Target images → VQ codes (B, num_image_tokens); the VQ is frozen data processing."""
-        with torch.no_grad():
+        """Target images → VQ codes (B, num_image_tokens); the VQ is frozen data processing (no
+        gradients, and outside any FLOP counter: `data_processing`)."""
+        with torch.no_grad(), data_processing():
             out = model.model.vqmodel.encode(pixel_values.to(device_of(model), model.dtype))
         return out.image_tokens.view(pixel_values.shape[0], -1)
 

@@ -165,3 +165,16 @@ def digits_rows(kind: str, n: int, seed: int = 0, with_image: bool = True, size:
         for k, v in row.items():
             rows.setdefault(k, []).append(v)
     return {k: np.array(v, dtype=object) for k, v in rows.items()}
+
+
+def write_rows(path: str | Path, kind: str, n: int, seed: int = 0) -> Path:
+    """`digits_rows` as a Parquet file (images as binary PNG bytes), what a user gives `shard`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = digits_rows(kind, n, seed)
+    columns = {k: pa.array(list(v), type=pa.binary() if k == "image" else pa.string()) for k, v in rows.items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(columns), path)
+    return path
