@@ -10,7 +10,8 @@ family draws itself):
   `params/active` (the family's primary task's), `flops/<task>_per_sample` (counted as the model runs,
   `modeling.flops`), `latency_ms/<task>_per_sample` (median of timed rounds, this process);
 plus the family's own quality metrics (the digits family: digits-MME, digits-GenEval, digits-FID,
-with its decode-time FLOPs and latency, which replace the teacher-forced ones of its tasks).
+with its decode-time FLOPs and latency, which replace the teacher-forced ones of its tasks; janus and
+emu3: `exact_match/<und task>` of greedy answers and a grid of generated images, `plots/generated_<task>.png`).
 `metrics.json` has flat keys (also the MLflow metric names) and `"model"`, a description that starts
 with the stage that made the checkpoint. `unislim evaluate CHECKPOINT` calls `evaluate_checkpoint`
 directly, without Ray or MLflow.
@@ -69,7 +70,7 @@ def evaluate_checkpoint(path: str | Path, *, source: str | Path | None = None, h
         metrics[f"params/active_{kind}"] = float(family.active_parameters(model, kind))
     metrics["params/active"] = metrics[f"params/active_{family.primary_task or next(iter(family.kinds))}"]
     metrics.update(family.evaluate(model, out_dir=Path(out_dir) if out_dir else None, progress=progress, n_und=n_und,
-                                   n_gen=n_gen, steps=steps, cfg_scale=cfg_scale, seed=seed))
+                                   n_gen=n_gen, steps=steps, cfg_scale=cfg_scale, seed=seed, rows=rows))
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)

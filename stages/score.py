@@ -95,7 +95,7 @@ def run(cfg: Any, inputs: dict, ctx: Any) -> dict[str, str]:
         for _ in range(sc.num_workers)]
     out = Path(ctx.out_dir)
     (out / "scores").mkdir(parents=True)
-    options = {"gen_steps": sc.gen_steps, "cfg_scale": sc.cfg_scale, "buckets": sc.step_buckets}
+    options = {"gen_steps": sc.gen_steps, "cfg_scale": sc.cfg_scale, "buckets": sc.step_buckets, "cfg": sc.cfg}
     all_scores: dict[str, dict[str, torch.Tensor]] = {}
     for name, info in tasks.items():
         n = info["rows"]

@@ -45,8 +45,9 @@ class ModelConfig(_Section):
     variant: Literal["shared", "mot"] = Field(
         "shared", description="shared weights for all tokens, or per-modality copies (mixture-of-transformers)")
     trust_remote_code: bool = Field(False, description="allow a checkpoint's own modeling code to run")
-    family: Literal["auto", "digits", "causal_lm"] = Field(
-        "auto", description="model family (auto: from the checkpoint's config; the reference source is digits)")
+    family: Literal["auto", "digits", "janus", "emu3", "causal_lm"] = Field(
+        "auto", description="model family (auto: from the checkpoint's config; the reference source is digits; "
+        "janus: Janus / Janus-Pro, emu3: Emu3, both from transformers)")
     adapter: dict[str, Any] | None = Field(
         None, description="where the model keeps its layers, MLPs and attention, over the built-in entry for its "
         "model_type (keys: layers, mlp, mlp_proj, mlp_act, attention, attn_proj, proj_suffix, config, heads; "
@@ -263,6 +264,9 @@ class ScoreConfig(_Section):
     gen_steps: int = Field(20, ge=1, le=1000, description="denoising steps per generation row")
     step_buckets: int = Field(4, ge=1, le=1000, description="generation statistics per bucket of steps")
     cfg_scale: float | None = Field(None, ge=1.0, le=50.0, description="CFG scale (null: the model's default)")
+    cfg: Literal["cond", "uncond", "both"] = Field(
+        "cond", description="autoregressive image generation (janus, emu3): which classifier-free-guidance pass "
+        "the gen statistics record: the conditional, the unconditional, or both")
     overlap_frac: float = Field(0.5, gt=0, le=1, description="top fraction of neurons in the overlap plot")
 
     @model_validator(mode="after")

@@ -5,8 +5,8 @@
     model = family.load(path)
 
 A checkpoint that unislim wrote names its family (`config.unislim.family`); otherwise the first
-family whose `matches(config)` holds, most specific first (`causal_lm` takes whatever
-`AutoModelForCausalLM` builds).
+family whose `matches(config)` holds, most specific first (`janus` and `emu3` by model_type; `causal_lm`
+takes whatever `AutoModelForCausalLM` builds).
 """
 
 from __future__ import annotations
@@ -16,8 +16,12 @@ from typing import Any
 from .base import ContinuousOutputs, DataError, Family, TaskKind, TokenOutputs
 from .causal_lm import CausalLMFamily
 from .digits.family import DigitsFamily
+from .emu3 import Emu3Family
+from .janus import JanusFamily
 
-FAMILIES: dict[str, type[Family]] = {"digits": DigitsFamily, "causal_lm": CausalLMFamily}
+# most specific first: `family_for` takes the first whose `matches(config)` holds
+FAMILIES: dict[str, type[Family]] = {"digits": DigitsFamily, "janus": JanusFamily, "emu3": Emu3Family,
+                                     "causal_lm": CausalLMFamily}
 
 
 def get_family(name: str, *, adapter: dict[str, Any] | None = None, trust_remote_code: bool = False) -> Family:
@@ -53,5 +57,5 @@ def from_model_config(path, model_cfg) -> Family:
                                 trust_remote_code=model_cfg.trust_remote_code)
 
 
-__all__ = ["FAMILIES", "CausalLMFamily", "ContinuousOutputs", "DataError", "DigitsFamily", "Family", "TaskKind",
-           "TokenOutputs", "family_for", "family_of_checkpoint", "from_model_config", "get_family"]
+__all__ = ["FAMILIES", "CausalLMFamily", "ContinuousOutputs", "DataError", "DigitsFamily", "Emu3Family", "Family",
+           "JanusFamily", "TaskKind", "TokenOutputs", "family_for", "family_of_checkpoint", "from_model_config", "get_family"]

@@ -19,12 +19,13 @@
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
+
+from unislim.modeling.surgery.kv import write_kv, writes_kv_alone
 
 CfgSchedule = Callable[[int, int], float] | Sequence[float] | None
 
@@ -49,6 +50,7 @@ class Generation:
     images: list[Any] | None = None  # gen with decode=True: PIL images
     cfg_scales: list[float] = field(default_factory=list)  # the scale each step used (gen)
     skipped: list[set[int]] = field(default_factory=list)  # the layers each step skipped
+    uncond_passes: int = 0  # gen: forwards (Janus: steps) that ran the unconditional prompt
 
 
 def cfg_scale_at(schedule: CfgSchedule, index: int, total: int, default: float) -> float:
@@ -60,6 +62,18 @@ def cfg_scale_at(schedule: CfgSchedule, index: int, total: int, default: float) 
     if len(schedule) != total:
         raise ValueError(f"cfg_schedule has {len(schedule)} scales for {total} decoding steps")
     return float(schedule[index])
+
+
+def unguided_from(planned: list[float] | None, index: int) -> bool:
+    """Whether a planned schedule holds scale 1 from step `index` to the end (no unconditional pass
+    is needed any more, so its rows can leave the batch and the cache)."""
+    return planned is not None and all(float(x) == 1.0 for x in planned[index:])
+
+
+def check_guidance(step: DecodeStep, passes: int) -> None:
+    if passes == 1 and step.cfg_scale is not None and float(step.cfg_scale) != 1.0:
+        raise ValueError(f"step {step.index}: a step hook set cfg_scale {step.cfg_scale} after the schedule had "
+                         "ended guidance (its unconditional pass is gone); change the schedule instead")
 
 
 def run_step_hook(step_hook: Callable[[DecodeStep], Any] | None, step: DecodeStep,
@@ -115,37 +129,13 @@ class LayerSkip:
         hidden = args[0] if args else kwargs["hidden_states"]
         if mask is None or not bool(mask.any()):
             return original(*args, **kwargs)
-        if bool(mask.all()) and _writes_kv_alone(layer):
-            _write_kv(layer, hidden, kwargs)
+        if bool(mask.all()) and writes_kv_alone(layer):
+            write_kv(layer, hidden, kwargs)
             return hidden
         out = original(*args, **kwargs)  # the layer runs (its cache is written); skipped tokens keep their input
         out_h = out[0] if isinstance(out, tuple) else out
         mixed = torch.where(mask[..., None].to(out_h.device), hidden, out_h)
         return (mixed, *out[1:]) if isinstance(out, tuple) else mixed
-
-
-def _writes_kv_alone(layer: nn.Module) -> bool:
-    """A Llama-style layer (Janus's Llama, Emu3): input_layernorm → self_attn.{k,v}_proj, rotary keys,
-    no per-head key norm. Anything else (a surgery wrapper, q/k-norm attention) runs whole instead."""
-    attn = getattr(layer, "self_attn", None)
-    return (hasattr(layer, "input_layernorm") and attn is not None and hasattr(attn, "k_proj")
-            and hasattr(attn, "v_proj") and hasattr(attn, "head_dim") and not hasattr(attn, "k_norm"))
-
-
-def _write_kv(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> None:
-    """What the layer's attention writes to the cache for these tokens, and nothing else."""
-    cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    if cache is None:  # nothing later tokens could read
-        return
-    attn = layer.self_attn
-    h = layer.input_layernorm(hidden)  # (B, T, d)
-    shape = (*h.shape[:-1], -1, attn.head_dim)
-    keys = attn.k_proj(h).view(shape).transpose(1, 2)  # (B, KV, T, hd)
-    values = attn.v_proj(h).view(shape).transpose(1, 2)
-    cos, sin = kwargs["position_embeddings"]
-    rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb  # the model's own rotary
-    _, keys = rotary(keys, keys, cos, sin)
-    cache.update(keys, values, attn.layer_idx)
 
 
 # --------------------------------------------------------------------------- V-norm token pruning

@@ -13,6 +13,7 @@ instance caches it lazily and never pickles it (a Ray worker reloads it from the
 from __future__ import annotations
 
 import io
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -23,7 +24,7 @@ from torch import nn
 
 from unislim.modeling.surgery.scope import task_scope
 
-from ._decoding import DecodeStep, Generation, LayerSkip, run_step_hook
+from ._decoding import DecodeStep, Generation, LayerSkip, VisualTokenPruner, run_step_hook
 from .base import DataError, Family, Rows, TokenOutputs
 
 IGNORE = -100
@@ -79,8 +80,32 @@ def device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def data_processing():
+    """Run the VQ (image → codes for a teacher-forced target) outside any active FLOP counter
+    (`modeling.flops` counts through a torch dispatch mode): turning a target image into codes is
+    data processing, like tokenising a prompt, not the model's compute. Its parameters count in
+    `params/total` only."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    return _disable_current_modes()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DeepSpeed engine / DDP wrapper (whose only child is `module`)."""
+    while list(model._modules) == ["module"]:
+        model = model.module
+    return model
+
+
 class UnifiedFamily(Family):
     """Shared half of the Janus and Emu3 families; subclasses implement the `gen` task."""
+
+    primary_task = "gen"  # partition makes the generation path sparse; params/active reports it
+    # A forward outside the family's code (a plain `model(input_ids=...)`) is the model's own text
+    # path: surgery that behaves per task treats it as understanding.
+    default_task = "und"
+    causal_kinds = ("und", "gen")  # both decode token by token: MoD routes them with a causal predictor
+    mod_keep_last: ClassVar[dict[str, int]] = {}  # the last tokens are unknown while decoding: none forced
 
     ADAPTER: ClassVar[dict[str, Any]] = {}
     IMAGE_EXPECTED: ClassVar[str] = "an RGB-convertible image"  # what the processor takes, for error messages
@@ -91,6 +116,7 @@ class UnifiedFamily(Family):
         super().__init__(adapter, trust_remote_code)
         self.processor_path = None if processor_path is None else str(processor_path)
         self.cfg_dropout = cfg_dropout  # share of training prompts replaced by the unconditional one
+        self.token_pruning: tuple[int, float] | None = None  # (layer, keep): V-norm pruning of und image tokens
         self._processor = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -125,11 +151,17 @@ class UnifiedFamily(Family):
         """Write the processor beside a checkpoint a stage saves (the checkpoint is unusable without it)."""
         self.processor(model).save_pretrained(str(out_dir))
 
-    def adapter_data(self) -> dict[str, Any]:
-        return {**self.ADAPTER, **(self.adapter_override or {})}
-
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
-        return model.get_submodule(self.adapter_data()["layers"])
+        return self.adapter(model).decoder_layers(model)
+
+    def tokens_per_sample(self, kind: str, model_config=None) -> float:
+        """Image tokens plus a typical question + answer (und) or prompt (gen): weights a MoD
+        schedule's token budget across the tasks."""
+        return float(self.image_tokens(model_config) + (24 if kind == "und" else 16))
+
+    def image_tokens(self, model_config=None) -> int:
+        """Positions of one image in a sequence (subclasses)."""
+        raise NotImplementedError
 
     # ------------------------------------------------------------ data
     def check_table(self, kind: str, table, where: str, model_config=None) -> None:
@@ -199,13 +231,32 @@ class UnifiedFamily(Family):
         labels = _pad([[IGNORE] * prompt.shape[1] + a for a in answers], IGNORE)
         return {"input_ids": ids, "attention_mask": full, "position_ids": position_ids(full), "labels": labels, **out}
 
-    def _und_logits(self, model: nn.Module, enc: dict[str, torch.Tensor]) -> torch.Tensor:
+    def und_inputs(self, model: nn.Module, enc: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
+                                                                                   torch.Tensor]:
+        """Encoded und rows as the model's inputs on its device, and the image-token positions of
+        each sequence (B, T) bool (V-norm pruning ranks them)."""
         device = device_of(model)
         inputs = {k: v.to(device) for k, v in enc.items() if k != "labels"}
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-        with task_scope(model, "und", token_mask=inputs["attention_mask"].bool()):
-            return model(**inputs).logits  # (B, T, V)
+        return inputs, self.image_token_mask(model, inputs["input_ids"])
+
+    def _und_logits(self, model: nn.Module, enc: dict[str, torch.Tensor]) -> torch.Tensor:
+        inputs, image = self.und_inputs(model, enc)
+        with task_scope(model, "und", token_mask=inputs["attention_mask"].bool()), self.visual_pruning(model, image):
+            return model(**inputs, use_cache=False).logits  # (B, T, V); no cache: MoD routers route
+
+    def visual_pruning(self, model: nn.Module, image: torch.Tensor):
+        """FlashU's V-norm visual-token pruning around an understanding forward or decoding loop,
+        when `token_pruning` = (layer, keep) is set (`_decoding.VisualTokenPruner`); else nothing."""
+        if self.token_pruning is None:
+            return nullcontext()
+        layer, keep = self.token_pruning
+        layers = self.decoder_layers(model)
+        if not 0 <= layer < len(layers) - 1:
+            raise ValueError(f"token_pruning.layer must be in 0..{len(layers) - 2} (later layers read the kept "
+                             f"tokens; the model has {len(layers)} layers), got {layer}")
+        return VisualTokenPruner(layers, layer, image, keep)
 
     # ------------------------------------------------------------ stage-facing methods
     def calibrate(self, model: nn.Module, kind: str, batch: Rows, recorder, **options) -> int:
@@ -232,7 +283,10 @@ class UnifiedFamily(Family):
         return batch
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Answer NLL (labels on the answer and its EOS only) + image-token NLL (teacher-forced)."""
+        """Answer NLL (labels on the answer and its EOS only) + image-token NLL (teacher-forced).
+        `model` may be the training loop's DeepSpeed engine: its module is called directly (the
+        generation path reaches into submodules; ZeRO 0-2 keep every weight in place)."""
+        model = unwrap(model)
         parts: dict[str, torch.Tensor] = {}
         if "und" in batch:
             logits = self._und_logits(model, batch["und"])
@@ -270,14 +324,31 @@ class UnifiedFamily(Family):
         return self.decode_answers(model, enc, step_hook=step_hook, **options)
 
     def active_parameters(self, model: nn.Module, task: str) -> int:
-        """Unique parameters of the modules one token of `task` passes through (TASK_MODULES); a
-        submodule with `num_active_parameters(task)` (an MoE MLP) counts what it says instead."""
+        """Unique parameters of the modules one token of `task` passes through (TASK_MODULES; tied
+        weights once), less the routed experts an MoE MLP skips for it (`surgery.params`)."""
+        from unislim.modeling.surgery.params import active_parameters
+
         self.task_kind(task)
-        seen: set[int] = set()
-        total = 0
-        for name in self.TASK_MODULES[task]:
-            total += _count(model.get_submodule(name), task, seen)
-        return total
+        prefixes = tuple(f"{m}." for m in self.TASK_MODULES[task])
+        return active_parameters(model, task, lambda name: not name.startswith(prefixes))
+
+    # ------------------------------------------------------------ the family's own metrics, FlashU
+    def evaluate(self, model: nn.Module, *, out_dir: Path | None = None, progress=print, rows=None,
+                 n_und: int = 40, n_gen: int = 24, cfg_scale: float | None = None, seed: int = 0,
+                 **_) -> dict[str, Any]:
+        """`exact_match/<und task>`: greedy answers equal to the held-out answer (whitespace and case
+        ignored) on up to `n_und` rows; for each gen task, up to `n_gen` (at most 16) held-out
+        prompts decoded into `plots/generated_<task>.png` (an MLflow artifact)."""
+        from ._metrics import evaluate_unified
+
+        return evaluate_unified(self, model, rows or {}, out_dir=out_dir, progress=progress, n_und=n_und,
+                                n_gen=n_gen, cfg_scale=cfg_scale, seed=seed)
+
+    def accelerate(self, model: nn.Module, acceleration, scores, **options) -> dict[str, Any]:
+        """FlashU's techniques for autoregressive image tokens (`_accelerate.py`)."""
+        from ._accelerate import accelerate
+
+        return accelerate(self, model, acceleration, scores, **options)
 
     # ------------------------------------------------------------ the answer decoding loop
     @torch.no_grad()
@@ -291,11 +362,9 @@ class UnifiedFamily(Family):
         ids again would re-count an image placeholder the model happened to generate."""
         device = device_of(model)
         tok = self.processor(model).tokenizer
-        extra = {k: v.to(device) for k, v in enc.items() if k not in ("input_ids", "attention_mask", "labels",
-                                                                       "position_ids")}
-        if "pixel_values" in extra:
-            extra["pixel_values"] = extra["pixel_values"].to(model.dtype)
-        prompt, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+        extra, image = self.und_inputs(model, enc)
+        prompt, mask = extra.pop("input_ids"), extra.pop("attention_mask")
+        extra.pop("position_ids", None)
         b = prompt.shape[0]
         layers, lm = self.decoder_layers(model), self.language_model(model)
         tokens: list[torch.Tensor] = []
@@ -304,7 +373,7 @@ class UnifiedFamily(Family):
         merged: dict[str, torch.Tensor] = {}
         cache = None
         result = Generation(tokens=prompt.new_zeros(b, 0))
-        with LayerSkip(layers) as skip:
+        with LayerSkip(layers) as skip, self.visual_pruning(model, image):
             for s in range(max_new_tokens):
                 step = run_step_hook(step_hook, DecodeStep(s, max_new_tokens, "und"), len(layers))
                 result.skipped.append(set(step.skip_layers))
@@ -346,7 +415,7 @@ class UnifiedFamily(Family):
 
     def language_model(self, model: nn.Module) -> nn.Module:
         """The decoder the layers belong to (`model.language_model`, `model.text_model`)."""
-        return model.get_submodule(self.adapter_data()["layers"].rsplit(".", 1)[0])
+        return model.get_submodule(self.adapter(model).layers.rsplit(".", 1)[0])
 
     # ------------------------------------------------------------ the generation task (subclasses)
     def encode_gen(self, rows: Rows, model_or_config=None, generator: torch.Generator | None = None,
@@ -362,24 +431,6 @@ class UnifiedFamily(Family):
 
     def _generate_gen(self, model: nn.Module, rows: Rows, **options) -> Generation:
         raise NotImplementedError
-
-
-def _count(module: nn.Module, task: str, seen: set[int]) -> int:
-    own = getattr(module, "num_active_parameters", None)
-    if callable(own):
-        ids = {id(p) for p in module.parameters()}
-        if ids & seen:
-            return 0
-        seen |= ids
-        return int(own(task=task))
-    total = 0
-    for child in module.children():
-        total += _count(child, task, seen)
-    for p in module.parameters(recurse=False):
-        if id(p) not in seen:  # tied weights (Janus's lm_head = embed_tokens) count once
-            seen.add(id(p))
-            total += p.numel()
-    return total
 
 
 def split_rows(rows: Rows, with_image: np.ndarray) -> tuple[Rows, Rows]:

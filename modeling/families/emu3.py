@@ -30,10 +30,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from unislim.modeling.families.base import step_bucket
+from unislim.modeling.adapters import ADAPTERS, Adapter
 from unislim.modeling.surgery.scope import task_scope
 
 from ._decoding import DecodeStep, Generation, LayerSkip, cfg_scale_at, run_step_hook
-from ._unified import UnifiedFamily, _column, device_of, position_ids, split_rows
+from ._unified import UnifiedFamily, _column, data_processing, device_of, position_ids, split_rows, unwrap
 from .base import DataError, Rows, TaskKind
 from .janus import CFG_PASSES, bucket_ranges
 
@@ -47,6 +48,7 @@ ADAPTER: dict[str, Any] = {
     "attn_proj": {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"},
     "config": "text_config",
 }
+ADAPTERS.update({"emu3": Adapter.from_dict(ADAPTER)})  # the built-in table, by model_type
 
 UND = TaskKind("und", {"image": "PNG/JPEG bytes", "question": "str", "answer": "str"},
                description="image + question → answer; held-out answer NLL")
@@ -85,14 +87,49 @@ class Emu3Family(UnifiedFamily):
         """(B, T) bool: the VQ-id positions (placeholders) of an understanding sequence (V-norm pruning)."""
         return input_ids == model.vocabulary_mapping.image_token_id
 
+    def image_tokens(self, model_config=None) -> int:
+        try:
+            h, w = self.grid(self.processor(model_config))
+        except DataError:  # no processor at hand: Emu3-Gen's 90 x 90 grid
+            h = w = 90
+        return h * (w + 1)
+
+    def und_inputs(self, model: nn.Module, enc: dict[str, torch.Tensor]):
+        """As the base, but the image placeholders already hold the image's visual ids (and line
+        ends), its VQ codes computed here as data processing (`data_processing`): what
+        `Emu3Model.forward` does with `pixel_values`, bit for bit, with the VQ outside the FLOPs."""
+        inputs, image = super().und_inputs(model, enc)
+        pixels, sizes = inputs.pop("pixel_values", None), inputs.pop("image_sizes", None)
+        if pixels is not None:
+            with torch.no_grad(), data_processing():
+                visual = unwrap(model).model.get_image_tokens(pixels, sizes)  # (Σ h·(w+1),)
+            assert visual.numel() == int(image.sum()), (visual.numel(), int(image.sum()))
+            inputs["input_ids"] = inputs["input_ids"].masked_scatter(image, visual.to(inputs["input_ids"].dtype))
+        return inputs, image
+
     # ------------------------------------------------------------ rows → tensors
+    def area(self, processor, image_area: int | None = None) -> int:
+        """The generation size in pixels: `image_area`, the family's, else the processor's default
+        (518400 = 720², which `processor_config.json` does not save) brought into the image
+        processor's [min_pixels, max_pixels], the sizes it can encode as teacher-forcing targets."""
+        if image_area or self.image_area:
+            return int(image_area or self.image_area)
+        ip = processor.image_processor
+        low, high = getattr(ip, "min_pixels", None), getattr(ip, "max_pixels", None)
+        area = processor.image_area
+        if high:
+            area = min(area, int(high))
+        if low:
+            area = max(area, int(low))
+        return area
+
     def grid(self, processor, image_area: int | None = None) -> tuple[int, int]:
-        area = image_area or self.image_area or processor.image_area
-        return processor.calculate_generate_size(processor.ratio, area, processor.downsample_ratio)
+        return processor.calculate_generate_size(processor.ratio, self.area(processor, image_area),
+                                                 processor.downsample_ratio)
 
     def prompt_ids(self, processor, texts: list[str], image_area: int | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        area = image_area or self.image_area or processor.image_area
+        area = self.area(processor, image_area)
         enc = processor(text=texts, return_for_image_generation=True, image_area=area, padding=True,
                         padding_side="left", return_tensors="pt")
         return enc["input_ids"], enc["attention_mask"]
@@ -129,8 +166,8 @@ class Emu3Family(UnifiedFamily):
         return out
 
     def image_codes(self, model: nn.Module, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> torch.Tensor:
-        """Target images → VQ codes (B, h, w); the VQ is frozen data processing."""
-        with torch.no_grad():
+        """Target images → VQ codes (B, h, w); the VQ is frozen data processing (`data_processing`)."""
+        with torch.no_grad(), data_processing():
             out = model.model.vqmodel.encode(pixel_values.to(device_of(model), model.dtype), image_sizes)
         return torch.stack(list(out.image_tokens))
 
@@ -246,7 +283,9 @@ class Emu3Family(UnifiedFamily):
         `prefix_allowed_tokens_fn` and `guidance_scale` / `negative_prompt_ids` (greedy; the same
         tokens for a constant scale on unpadded prompts), with a step hook (CFG scale, KV-safe layer
         skip); `use_cache=False` reruns the whole sequence every step. `steps` stops early
-        (calibration needs the grid only)."""
+        (calibration needs the grid only). A step at scale 1 (a `cfg_schedule`) runs no
+        unconditional forward; that branch reads the tokens it missed when it next runs, in one
+        forward, so its cache never has a hole (`Generation.uncond_passes` counts its forwards)."""
         device = device_of(model)
         h, w = grid
         g = h * (w + 1)
@@ -264,7 +303,9 @@ class Emu3Family(UnifiedFamily):
         record = [record_cfg != "uncond", record_cfg != "cond"]
         layers = self.decoder_layers(model)
         caches: list[Any] = [None] * len(branches)
-        histories: list[list[set[int]]] = [[] for _ in branches]
+        histories: list[list[set[int]]] = [[] for _ in branches]  # per branch: the layers each forward skipped
+        lengths: list[list[int]] = [[] for _ in branches]  # ... and the tokens it fed
+        fed = [0] * len(branches)  # generated tokens each branch has read
         tokens: list[torch.Tensor] = []
         result = Generation(tokens=prompt_ids.new_zeros(b, 0))
         with LayerSkip(layers) as skip:
@@ -275,15 +316,21 @@ class Emu3Family(UnifiedFamily):
                 result.skipped.append(set(step.skip_layers))
                 logps = []
                 for i, (ids, mask) in enumerate(branches):
+                    if i == 1 and recorder is None and float(step.cfg_scale) == 1.0:
+                        continue  # scale 1 needs no unconditional pass: its branch catches up when next needed
                     done = torch.stack(tokens, 1) if tokens else ids.new_zeros(b, 0)
                     full = torch.cat([mask, mask.new_ones(b, s)], 1)
+                    chunk = (0 if lengths[i] else ids.shape[1]) + s - fed[i]  # prompt (first run) + unread tokens
+                    histories[i].append(set(step.skip_layers))
+                    lengths[i].append(chunk)
                     if use_cache:
-                        feed = ids if s == 0 else tokens[-1][:, None]
+                        feed = torch.cat([ids, done], 1)[:, -chunk:]
                         skip.set_step(step.skip_layers, feed.shape, device)
                     else:
                         feed = torch.cat([ids, done], 1)
-                        histories[i].append(set(step.skip_layers))
-                        skip.set_history(histories[i], [ids.shape[1]] + [1] * s, b, device)
+                        skip.set_history(histories[i], lengths[i], b, device)
+                    fed[i] = s
+                    result.uncond_passes += i
                     if recorder is not None:  # the position predicting grid token s, of the recorded passes
                         recorder.bucket = str(step_bucket(min(s, g - 1), g, buckets))
                         m = torch.zeros(b, feed.shape[1], dtype=torch.bool, device=device)
@@ -295,7 +342,7 @@ class Emu3Family(UnifiedFamily):
                                     cache=caches[i], use_cache=use_cache, logits_to_keep=1)
                     caches[i] = out.cache if use_cache else None
                     logps.append(out.logits[:, -1].float())
-                if guided:
+                if len(logps) == 2:
                     cond, uncond = (F.log_softmax(x, -1) for x in logps)
                     scores = step.cfg_scale * (cond - uncond) + uncond
                 else:

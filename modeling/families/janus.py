@@ -28,10 +28,13 @@ import torch
 from torch import nn
 
 from unislim.modeling.families.base import step_bucket
+from unislim.modeling.adapters import ADAPTERS, Adapter
 from unislim.modeling.surgery.scope import task_scope
 
-from ._decoding import DecodeStep, Generation, LayerSkip, cfg_scale_at, run_step_hook
-from ._unified import UnifiedFamily, _column, device_of, position_ids, split_rows
+from unislim.modeling.surgery.mod.layer import select_cache_rows
+
+from ._decoding import DecodeStep, Generation, LayerSkip, cfg_scale_at, check_guidance, run_step_hook, unguided_from
+from ._unified import UnifiedFamily, _column, data_processing, device_of, position_ids, split_rows
 from .base import DataError, Rows, TaskKind
 
 # Built-in adapter facts (keys of `modeling.adapters.Adapter`): a Llama LM, sizes in text_config.
@@ -45,6 +48,7 @@ ADAPTER: dict[str, Any] = {
     "attn_proj": {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"},
     "config": "text_config",
 }
+ADAPTERS.update({"janus": Adapter.from_dict(ADAPTER)})  # the built-in table, by model_type
 
 UND = TaskKind("und", {"image": "PNG/JPEG bytes", "question": "str", "answer": "str"},
                description="image + question → answer; held-out answer NLL")
@@ -97,6 +101,9 @@ class JanusFamily(UnifiedFamily):
         t = model.config.text_config
         return f"janus-{t.num_hidden_layers}L-d{t.hidden_size}"
 
+    def image_tokens(self, model_config=None) -> int:
+        return int(model_config.vision_config.num_image_tokens) if model_config is not None else 576
+
     def image_token_mask(self, model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, T) bool: the image placeholder positions of an understanding sequence (V-norm pruning)."""
         return input_ids == model.config.image_token_id
@@ -130,8 +137,9 @@ class JanusFamily(UnifiedFamily):
         return out
 
     def image_codes(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Target images → VQ codes (B, num_image_tokens); the VQ is frozen data processing."""
-        with torch.no_grad():
+        """Target images → VQ codes (B, num_image_tokens); the VQ is frozen data processing (no
+        gradients, and outside any FLOP counter: `data_processing`)."""
+        with torch.no_grad(), data_processing():
             out = model.model.vqmodel.encode(pixel_values.to(device_of(model), model.dtype))
         return out.image_tokens.view(pixel_values.shape[0], -1)
 
@@ -221,7 +229,10 @@ class JanusFamily(UnifiedFamily):
         (greedy, the same tokens for a constant scale), with a step hook (CFG scale, KV-safe layer
         skip) and without a cache when `use_cache=False` (every step reruns the whole sequence).
         Positions follow the attention mask (HF's image mode counts left padding as positions, so
-        the two agree on unpadded prompts). `recorder`: calibration (see `_calibrate_gen`)."""
+        the two agree on unpadded prompts). `recorder`: calibration (see `_calibrate_gen`).
+        Once a `cfg_schedule` holds scale 1 for every remaining step, the unconditional rows leave
+        the batch and its cache: the rest of the image costs one pass (`Generation.uncond_passes`
+        counts the steps that ran the unconditional rows)."""
         device = device_of(model)
         tok = self.processor(model).tokenizer
         n = model.config.vision_config.num_image_tokens
@@ -239,10 +250,18 @@ class JanusFamily(UnifiedFamily):
         history: list[set[int]] = []
         cache = None
         result = Generation(tokens=prompt_ids.new_zeros(b, 0))
+        planned = None if cfg_schedule is None else [cfg_scale_at(cfg_schedule, s, n, default) for s in range(n)]
         with LayerSkip(layers) as skip:
             for s in range(n):
                 step = run_step_hook(step_hook, DecodeStep(s, n, "gen", cfg_scale_at(cfg_schedule, s, n, default)),
                                      len(layers))
+                if copies == 2 and recorder is None and unguided_from(planned, s) and float(step.cfg_scale) == 1.0:
+                    keep = torch.arange(b, device=device)  # the conditional rows
+                    ids, mask, prompt_embeds, copies = ids[:b], mask[:b], prompt_embeds[:b], 1
+                    if cache is not None:
+                        select_cache_rows(cache, keep)
+                check_guidance(step, copies)
+                result.uncond_passes += copies - 1
                 result.cfg_scales.append(float(step.cfg_scale))
                 result.skipped.append(set(step.skip_layers))
                 if use_cache:
@@ -267,7 +286,7 @@ class JanusFamily(UnifiedFamily):
                              cache=cache, use_cache=use_cache)
                 cache = out.cache if use_cache else None
                 scores = head(out.last_hidden_state[:, -1])  # (cB, K)
-                if guided:
+                if copies == 2:
                     cond, uncond = scores.split(b)
                     scores = uncond + (cond - uncond) * step.cfg_scale
                 if do_sample:

@@ -165,3 +165,39 @@ def digits_rows(kind: str, n: int, seed: int = 0, with_image: bool = True, size:
         for k, v in row.items():
             rows.setdefault(k, []).append(v)
     return {k: np.array(v, dtype=object) for k, v in rows.items()}
+
+
+def write_rows(path: str | Path, kind: str, n: int, seed: int = 0) -> Path:
+    """`digits_rows` as a Parquet file (images as binary PNG bytes), what a user gives `shard`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = digits_rows(kind, n, seed)
+    columns = {k: pa.array(list(v), type=pa.binary() if k == "image" else pa.string()) for k, v in rows.items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
+def trained(kind: str, path: str | Path, steps: int = 60, seed: int = 0, batch: int = 8) -> Path:
+    """A tiny random `kind` ("janus" | "emu3") saved to `path`, then trained for `steps` AdamW steps
+    on answer + image-token NLL of digits rows (a few fixed batches, cycled), so that held-out NLL
+    means something to lose: pruning has knowledge to remove. Saved over the random weights."""
+    from unislim.modeling.families import get_family
+    from unislim.pipelines.training import make_optimizer
+
+    {"janus": build_janus, "emu3": build_emu3}[kind](path, seed=seed)
+    family = get_family(kind)
+    model = family.load(path).train()
+    batches = [family.collate({"und": digits_rows("und", batch, seed=100 + i), "gen": digits_rows("gen", batch, seed=200 + i)},
+                              torch.Generator().manual_seed(i), model.config) for i in range(4)]
+    optimizer, scheduler = make_optimizer(model, 3e-3, steps, warmup_steps=5)
+    for step in range(steps):
+        loss, _ = family.loss(model, batches[step % len(batches)])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+    model.eval().save_pretrained(path)
+    return Path(path)

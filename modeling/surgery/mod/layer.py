@@ -13,7 +13,15 @@ first asks the model's task scope which task is running (`surgery.scope`; none s
   at inference for causal tasks, MoD §3.5); only they are gathered — hidden states, RoPE cos/sin,
   the attention mask among them, any other per-token argument — and run; `x + r·(f(x) − x)` is
   scattered back (MoD Eq. 1), so the other tokens' compute really is skipped;
-- or runs dense (capacity 1 for the task, or a KV cache in use: decoding with a cache is dense).
+- or runs dense (capacity 1 for the task; or a KV cache in use for a task routed by top-k, which
+  needs the whole sequence at once).
+**Cached decoding of a causal task** (its predictor decides per token, at inference) routes as the
+uncached forward does, token by token: a token the predictor rejects is no query and no key of
+this layer — its keys and values are still written to the cache (so every layer's cache stays
+aligned with the attention mask), but a per-layer key history kept on the cache object
+(`cache.unislim_mod_keys[layer]`, (B, cached tokens) bool) hides them from every later token.
+A step whose tokens all skip the layer writes only their K/V (`surgery.kv.write_kv`) and returns its
+input. So decoding with a cache gives what decoding without one gives (tests/families).
 Routers (`mod_routers.<name>`) and predictors (`mod_predictors.<name>`) are submodules of the layer.
 Both ops are recorded (`mod`, `skip_layers`), so the checkpoint reloads through `load_model`.
 """
@@ -29,6 +37,7 @@ from torch import nn
 
 from unislim.modeling.adapters import Adapter
 
+from ..kv import layer_cache, write_kv, writes_kv_alone
 from ..record import default_task, record, register
 from ..scope import Scope, scope_of
 from . import routing
@@ -144,7 +153,12 @@ class RoutedLayer:
         if task in spec.skip:
             return hidden_states
         capacity = spec.capacity.get(task, 1.0)
-        routed = capacity < 1.0 and not state.dense and kwargs.get("cache") is None
+        routed = capacity < 1.0 and not state.dense
+        if routed and layer_cache(kwargs) is not None:
+            name = spec.router_name(task)
+            if task in spec.causal and name in self.mod_predictors and not self.training:
+                return self._cached_causal_forward(hidden_states, task, name, kwargs)
+            routed = False  # top-k needs the whole sequence: decoding with a cache runs dense
         if routed and args:
             raise TypeError(f"mod: layer {spec.index} was called with positional arguments besides the hidden "
                             "states; routing needs them by keyword (attention_mask=, position_embeddings=, ...)")
@@ -189,6 +203,80 @@ class RoutedLayer:
         out = out[0] if isinstance(out, tuple) else out  # (B, n, d)
         weight = routing.router_weight(logits.gather(1, order)) * valid  # (B, n)
         return routing.scatter_update(hidden, order, (out - h) * weight[..., None].to(h.dtype))
+
+
+    def _cached_causal_forward(self, hidden, task: str, name: str, kwargs: dict):
+        """The predictor's per-token decision over the tokens of one cached forward (see the module
+        docstring): accepted tokens attend to the accepted tokens before them (this layer's key
+        history) and get x + r·(f(x) − x); the rest keep x and are hidden from later tokens."""
+        spec, state, scope = self.unislim_route, self.unislim_state, self.unislim_state.scope
+        if spec.keep_last.get(task):
+            raise ValueError(f"mod: keep_last for the causal task {task!r} cannot be decided token by token "
+                             "while decoding with a KV cache (the last tokens of a sample are not known yet)")
+        B, T, _ = hidden.shape
+        mask = scope.token_mask
+        eligible = mask.to(hidden.device) if mask is not None and tuple(mask.shape) == (B, T) else \
+            torch.ones(B, T, dtype=torch.bool, device=hidden.device)
+        accept = (self.mod_predictors[name](hidden).squeeze(-1) > 0) & eligible  # (B, T)
+        if state.record is not None:
+            state.record.add(task, spec.index, accept)
+        cache = layer_cache(kwargs)
+        keys = _key_history(cache, self.self_attn.layer_idx, accept)  # (B, P + T)
+        if not bool(accept.any()) and writes_kv_alone(self):
+            write_kv(self, hidden, kwargs)
+            return hidden
+        kwargs = {**kwargs, "attention_mask": _restrict_keys(kwargs.get("attention_mask"), keys, T)}
+        out = super().forward(hidden, **kwargs)
+        out = out[0] if isinstance(out, tuple) else out  # (B, T, d)
+        weight = routing.router_weight(self.mod_routers[name](hidden).squeeze(-1).float()) * accept  # (B, T)
+        return hidden + (out - hidden) * weight[..., None].to(hidden.dtype)
+
+
+def _key_history(cache, layer_idx: int, accept: torch.Tensor) -> torch.Tensor:
+    """This layer's keys so far (the cached tokens it accepted, then `accept`), kept on the cache
+    object. Cached positions the router never decided on (written while no routing ran, or by a
+    KV-safe layer skip) are keys, as they would be for a dense layer."""
+    store = cache.__dict__.setdefault("unislim_mod_keys", {})
+    past = cache.get_seq_length(layer_idx)
+    prev = store.get(layer_idx)
+    if prev is None or prev.shape[0] != accept.shape[0] or prev.shape[1] > past:
+        prev = accept.new_ones(accept.shape[0], 0)
+    if prev.shape[1] < past:
+        prev = torch.cat([prev, accept.new_ones(accept.shape[0], past - prev.shape[1])], 1)
+    keys = torch.cat([prev.to(accept.device), accept], 1)  # (B, P + T)
+    store[layer_idx] = keys
+    return keys
+
+
+def select_cache_rows(cache, index: torch.Tensor) -> None:
+    """Keep the batch rows `index` of a KV cache and of its MoD key histories (e.g. dropping the
+    unconditional rows once a guidance schedule needs them no more)."""
+    cache.batch_select_indices(index)
+    store = cache.__dict__.get("unislim_mod_keys", {})
+    for layer_idx, keys in store.items():
+        store[layer_idx] = keys[index.to(keys.device)]
+
+
+def _restrict_keys(mask: torch.Tensor | None, keys: torch.Tensor, T: int) -> torch.Tensor:
+    """The attention mask (B, 1, T, P + T) of T new queries over every cached and new key, less the
+    keys this layer does not hold (`keys` False); each query still sees itself (no empty rows)."""
+    B, K = keys.shape
+    device = keys.device
+    causal = torch.ones(T, K, dtype=torch.bool, device=device).tril(K - T)[None, None]  # (1, 1, T, K)
+    if mask is None:
+        allowed = causal.expand(B, 1, T, K)
+    elif mask.dim() == 4:
+        allowed = mask.bool() if mask.dtype == torch.bool else mask == 0
+        allowed = allowed[..., -K:].expand(B, 1, T, K)
+    else:
+        raise ValueError(f"mod: cannot restrict a {mask.dim()}-D attention mask to a layer's routed keys")
+    eye = torch.zeros(T, K, dtype=torch.bool, device=device)
+    eye[torch.arange(T), torch.arange(K - T, K)] = True
+    allowed = (allowed & keys[:, None, None, :]) | eye[None, None]
+    if mask is None or mask.dtype == torch.bool:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=mask.dtype, device=device).masked_fill(~allowed,
+                                                                                  torch.finfo(mask.dtype).min)
 
 
 @functools.cache
