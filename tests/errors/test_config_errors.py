@@ -175,7 +175,8 @@ def test_a_real_parquet_file_passes(tmp_path, capsys):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.table({"x": [1, 2]}), tmp_path / "ok.parquet")
+    pq.write_table(pa.table({"image": [[0.0] * 128] * 2, "question": ["what is on the left ?"] * 2,
+                             "answer": ["one", "two"]}), tmp_path / "ok.parquet")
     r = cli(capsys, "validate", PIPELINE, _parquet_task(tmp_path / "ok.parquet"))
     assert r.rc == 0, r.err
     truncated = tmp_path / "cut.parquet"
