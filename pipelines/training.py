@@ -414,6 +414,14 @@ def deepspeed_engine(model, optimizer, scheduler=None, *, zero_stage: int = 2, g
 
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     import deepspeed
+    import deepspeed.comm.torch as ds_comm
+
+    if os.environ["DS_ACCELERATOR"] == "cpu":
+        # DeepSpeed's CPU backend JIT-builds a shared-memory all-reduce (C++) when it starts, behind a
+        # lock file in ~/.cache/torch_extensions: a build killed half-way leaves the lock, and every
+        # later start waits on it forever. Only `inference_all_reduce` uses that op; training reduces
+        # through torch.distributed (gloo), so it is never built.
+        ds_comm.build_shm_op = lambda: None
 
     bf16 = torch.cuda.is_available() if bf16 is None else bf16
     config = {
