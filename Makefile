@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 TORCH   := torch==2.13.0
 RUNS    ?= runs
 
-.PHONY: run test test-fast ui install clean
+.PHONY: run test test-cluster ui install clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -25,6 +25,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+# Driver kills, two drivers at once, a second Ray node: minutes each, so not part of `make test`.
+test-cluster: $(STAMP)
+	UNISLIM_CLUSTER_TESTS=1 $(BIN)/python -m pytest -q -m cluster tests
 
 ui: $(STAMP)
 	$(BIN)/unislim ui --runs-dir $(RUNS)

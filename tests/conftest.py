@@ -21,6 +21,17 @@ os.environ["RAY_AUTH_MODE"] = "token"
 os.environ["RAY_AUTH_TOKEN_PATH"] = str(_TOKEN)
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
+def pytest_collection_modifyitems(config, items):
+    """`cluster` tests start their own drivers (SIGKILLed ones, two at once, a second Ray node) and
+    take minutes each, too long for `make test`'s 25: `make test-cluster` runs them."""
+    if os.environ.get("UNISLIM_CLUSTER_TESTS") == "1":
+        return
+    skip = pytest.mark.skip(reason="a cluster test: `make test-cluster` (UNISLIM_CLUSTER_TESTS=1) runs it")
+    for item in items:
+        if "cluster" in item.keywords:
+            item.add_marker(skip)
+
+
 # The smallest pipeline that exercises every stage: the tiny reference model, a few steps.
 TINY_PIPELINE = {
     "name": "test",

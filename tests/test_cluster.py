@@ -172,7 +172,7 @@ def _http(url: str, token: str | None = None, timeout: float = 10) -> tuple[int,
 
 @pytest.mark.slow
 @pytest.mark.timeout(420)
-def test_ray_job_submit_runs_the_pipeline_on_a_token_protected_head():
+def test_ray_job_submit_runs_the_pipeline_on_a_token_protected_head(tiny_run):
     # Everything lives under one short folder: Ray's unix socket paths must stay < 107 chars, and
     # every process of this head can be found by it (see `_head_processes`).
     root = tempfile.mkdtemp(prefix="/tmp/ray-t-")
@@ -184,6 +184,7 @@ def test_ray_job_submit_runs_the_pipeline_on_a_token_protected_head():
     pipeline = Path(root) / "job" / "tiny.yaml"
     pipeline.write_text(yaml.safe_dump(tiny_pipeline()))
     runs = Path(root) / "runs"
+    shutil.copytree(tiny_run[0], runs)  # the session's tiny run: the job reruns evaluate, the rest is cached
 
     env = {k: v for k, v in os.environ.items()
            if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "MLFLOW_TRACKING_URI")}
@@ -218,7 +219,7 @@ def test_ray_job_submit_runs_the_pipeline_on_a_token_protected_head():
         submit = subprocess.run(
             [str(BIN / "ray"), "job", "submit", "--address", address, "--submission-id", job_id,
              "--runtime-env", str(CLUSTER / "runtime_env.yaml"), "--no-wait", "--",
-             "unislim", "run", str(pipeline), "--only", "evaluate", "--runs-dir", str(runs)],
+             "unislim", "run", str(pipeline), "--only", "evaluate", "--force", "evaluate", "--runs-dir", str(runs)],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
         assert submit.returncode == 0, submit.stdout + submit.stderr
 
@@ -250,11 +251,11 @@ def _assert_run_tree(runs: Path) -> None:
     assert experiment is not None
     all_runs = client.search_runs([experiment.experiment_id])
     parents = [r for r in all_runs if "mlflow.parentRunId" not in r.data.tags]
-    assert len(parents) == 1, [r.info.run_name for r in all_runs]
-    parent = parents[0]
+    parent = max(parents, key=lambda r: r.info.start_time)  # the job's (the copied run's came first)
     assert parent.info.status == "FINISHED"
     children = {r.data.tags.get("unislim.stage"): r for r in all_runs
                 if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     assert {"pretrain", "evaluate"} <= set(children), sorted(children)
     assert all(r.info.status == "FINISHED" for r in children.values())
+    assert children["evaluate"].data.tags.get("unislim.cached") == "false"  # forced: it ran in the job
     assert "mme/overall" in children["evaluate"].data.metrics

@@ -113,5 +113,6 @@ def renumber_layers(model: nn.Module, layers_path: str, keep: list[int]) -> None
 
 
 def _load_builders() -> None:
-    from . import moe, prune  # noqa: F401  (register their builders)
+    from . import prune  # noqa: F401  (each module registers its builders when imported)
     from .mod import layer  # noqa: F401
+    from .moe import convert  # noqa: F401

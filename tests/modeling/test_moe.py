@@ -330,3 +330,16 @@ def test_count_flops_and_active_parameters_drop_by_the_analytic_amount(variant):
     assert family.active_parameters(moe, "gen") == family.active_parameters(dense, "gen") - 2 * (3 * D * f * (R - k) - router)
     assert family.active_parameters(moe, "und") == family.active_parameters(dense, "und")  # dense experts, no router
     assert moe.num_parameters() == dense.num_parameters() + 2 * router
+
+
+def test_a_fresh_process_can_rebuild_every_recorded_op():
+    """Loading a checkpoint must not depend on what the process imported before (an evaluate task
+    that had never imported the MoE conversion could not reload a partition checkpoint)."""
+    import json
+    import subprocess
+    import sys
+
+    code = ("import json; from unislim.modeling.surgery import record; record._load_builders(); "
+            "print(json.dumps(sorted(record.BUILDERS)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert {"moe", "mlp_widths", "mod", "skip_layers"} <= set(json.loads(out.stdout)), out.stdout

@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from tests.conftest import REPO, tiny_pipeline
 from unislim.pipelines.store import load_complete
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
 
 def test_two_runs_at_once_on_one_runs_dir(tiny_run, ray_cluster, tmp_path):

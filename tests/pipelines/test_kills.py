@@ -26,7 +26,7 @@ from mlflow.tracking import MlflowClient
 from tests.conftest import REPO, tiny_pipeline
 from unislim.pipelines.store import load_complete
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
 PARTITION = {"enabled": True, "layers": [0, 1], "num_experts": 8, "num_shared": 2, "active_fraction": 0.5,
              "impl": "loop"}

@@ -26,7 +26,7 @@ import yaml
 from tests.conftest import REPO, tiny_pipeline
 from tests.test_cluster import _free_ports, _head_processes, _stop_head
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 BIN = Path(sys.executable).parent
 
 # Writes a v2 autoscaler's cluster config (a GPU group that may grow from 0 to 4 nodes) into the

@@ -1,25 +1,20 @@
-"""The Ray DAG runner end to end on the tiny pipeline: cache reuse, partial reruns, a SIGKILL
-mid-stage, and the MLflow run tree. Real Ray (the session cluster), real MLflow (sqlite)."""
+"""The Ray DAG runner end to end on the tiny pipeline: cache reuse, partial reruns and
+the MLflow run tree (kills and resumes: tests/pipelines/test_kills.py). Real Ray (the session cluster),
+real MLflow (sqlite)."""
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-import yaml
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import tiny_pipeline
 from unislim.config import load_config
 from unislim.pipelines.runner import run_pipeline
-from unislim.pipelines.store import load_complete
 
 pytestmark = pytest.mark.slow
 STAGES = ("pretrain", "shard", "score", "prune", "evaluate", "evaluate-prune")
@@ -86,38 +81,3 @@ def test_rerun_reuses_everything_and_a_changed_setting_reruns_only_its_stage(tin
     forced = run_pipeline(cfg, runs_dir=runs, only=["pretrain"], force=["pretrain"])
     assert {k: r.status for k, r in forced.stages.items()} == {"shard": "cached", "pretrain": "ran"}  # and upstream
 
-
-def test_sigkill_mid_stage_then_rerun_completes(ray_cluster, tmp_path):
-    config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump(tiny_pipeline(pretrain={"steps": 600, "checkpoint_every": 20, "log_every": 10},
-                                                   shard={"enabled": False}, score={"enabled": False},
-                                                   prune={"enabled": False})))
-    runs = tmp_path / "runs"
-    cmd = [sys.executable, "-m", "unislim.cli", "run", str(config), "--runs-dir", str(runs), "--address", ray_cluster]
-    env = {**os.environ, "RAY_DEDUP_LOGS": "0", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)
-    seen, deadline = [], time.time() + 240
-    try:
-        for line in proc.stdout:
-            seen.append(line)
-            if "[pretrain]" in line and "step 60/600" in line:  # checkpoints at 20, 40 already reported
-                break
-            assert time.time() < deadline, "".join(seen[-30:])
-        else:
-            pytest.fail("run ended before the kill:\n" + "".join(seen[-30:]))
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    pretrain_dir = runs / "pretrain"
-    assert not [p for p in pretrain_dir.iterdir() if load_complete(p)]  # nothing looks complete
-
-    rerun = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
-    assert "resumed from step" in rerun.stdout  # Ray Train picked up the last checkpoint
-    finished = [p for p in pretrain_dir.iterdir() if load_complete(p)]
-    assert len(finished) == 1 and not list(pretrain_dir.glob(".tmp-*"))
-    history = json.loads((finished[0] / "history.json").read_text())
-    assert history[-1]["step"] == 600 and [h["step"] for h in history] == list(range(10, 601, 10))
-    assert (finished[0] / "snapshots" / "step-60" / "model.safetensors").exists()  # 10% snapshot survives resume
-    assert load_complete(next((runs / "evaluate").iterdir())) is not None

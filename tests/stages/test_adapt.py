@@ -5,6 +5,7 @@ Train workers under DeepSpeed ZeRO-2 survive a worker death by resuming from the
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -29,8 +30,9 @@ ADAPT = {"enabled": True, "eft_steps": 4, "moe_steps": 12, "batch_size": 8, "num
 
 
 @pytest.fixture(scope="module")
-def adapt_run(ray_cluster, tmp_path_factory):
-    runs = tmp_path_factory.mktemp("adapt-runs")
+def adapt_run(tiny_run, ray_cluster, tmp_path_factory):
+    # a copy of the session's tiny run: shard, pretrain and score are cached
+    runs = Path(shutil.copytree(tiny_run[0], tmp_path_factory.mktemp("adapt-runs") / "runs"))
     cfg = load_config(data=tiny_pipeline(partition=PARTITION, adapt=ADAPT, evaluate={"enabled": False}))
     result = run_pipeline(cfg, runs_dir=runs, only=["adapt"])
     assert result.ok, {k: v.error for k, v in result.stages.items() if v.error}

@@ -24,9 +24,11 @@ from unislim.modeling.surgery.moe.convert import moe_mlps
 
 pytestmark = pytest.mark.slow
 KINDS = ("qwen2", "llama", "gptj")
+FULL = ("qwen2",)  # every stage; the others skip search and mod (25 minutes for the suite)
 EXPECTED = {"shard", "score", "prune", "partition", "adapt", "search", "mod", "evaluate", "evaluate-prune",
             "evaluate-partition", "evaluate-adapt-eft", "evaluate-adapt", "evaluate-mod", "evaluate-search",
             "accelerate"}
+SEARCH_AND_MOD = {"search", "mod", "evaluate-mod", "evaluate-search"}
 
 
 def _flow(value) -> str:
@@ -41,11 +43,13 @@ def overrides(kind: str, model: Path, text: Path) -> list[str]:
            "adapt.warmup_steps=1", "adapt.checkpoint_every=2", "adapt.log_every=1", "adapt.lr=1e-3",
            "mod.steps=2", "mod.batch_size=8", "mod.warmup_steps=1", "mod.log_every=1", "mod.checkpoint_every=2",
            "mod.num_workers=1", "mod.max_importance=2.0",
-           "search.space=" + _flow({"partition.num_experts": {"grid": [4, 8]}, "adapt.eft_steps": {"grid": [0]}}),
+           "search.space=" + _flow({"partition.num_experts": {"grid": [8, 16]}, "adapt.eft_steps": {"grid": [0]}}),
            "search.max_concurrent_trials=1", "search.asha=false",
            "accelerate.latency_repeats=1", "accelerate.latency_und_samples=4"]
     if kind == "gptj":
         out += ["model.adapter=" + _flow(GPTJ_ADAPTER)]
+    if kind not in FULL:  # search and mod run the same generic code on every kind: once is enough here
+        out += ["search.enabled=false", "mod.enabled=false"]
     return out
 
 
@@ -67,7 +71,7 @@ def lm_run(request, lms, ray_cluster, tmp_path_factory):
                "--runs-dir", str(runs)])
     assert rc == 0
     outputs = {}
-    for stage in EXPECTED:
+    for stage in EXPECTED if kind in FULL else EXPECTED - SEARCH_AND_MOD:
         manifests = [json.loads(p.read_text()) for p in (runs / stage).glob("*/manifest.json")]
         assert len(manifests) == 1 and manifests[0]["complete"], stage
         outputs[stage] = Path(manifests[0]["dir"])
@@ -82,14 +86,15 @@ def test_every_checkpoint_reloads_through_load_model_with_identical_logits(lm_ru
     kind, source, runs, out = lm_run
     adapter = GPTJ_ADAPTER if kind == "gptj" else None
     checkpoints = sorted({p.parent for stage in out.values() for p in stage.rglob("config.json")})
-    assert len(checkpoints) >= 6  # prune, partition, adapt (eft, moe), mod, search best
+    assert len(checkpoints) >= (6 if kind in FULL else 4)  # prune, partition, adapt (eft, moe), mod, search best
     for folder in checkpoints:
         a, b = load_model(folder, adapter=adapter), load_model(folder, adapter=adapter)
         with torch.no_grad():
             assert torch.equal(a(_ids(), use_cache=False).logits, b(_ids(), use_cache=False).logits), folder
     assert moe_mlps(load_model(out["partition"] / "checkpoint", adapter=adapter))
     assert moe_mlps(load_model(out["adapt"] / "checkpoint", adapter=adapter))
-    assert routed_layers(load_model(out["mod"] / "checkpoint", adapter=adapter))
+    if kind in FULL:
+        assert routed_layers(load_model(out["mod"] / "checkpoint", adapter=adapter))
     widths = json.loads((out["prune"] / "prune.json").read_text())["removed"]
     assert len(set(next(iter(widths.values()))["widths"].values())) > 1  # per-layer widths (global allocation)
 
@@ -105,7 +110,7 @@ def test_adapt_trains_eft_then_moe_on_two_zero2_workers_reading_the_shards(lm_ru
     written = set(row_fingerprints(columns(pq.read_table(sorted((out["shard"] / "train" / "text").glob("*.parquet"))))))
     assert set(log["data"]["moe"]["first_rows"]["text"]) <= written
     for phase in ("eft", "moe"):
-        last = sorted((runs / "ray_train").glob(f"adapt-*-{phase}/checkpoint_*"))[-1]
+        last = sorted(p for p in (runs / "ray_train").glob(f"adapt-*-{phase}/checkpoint_*") if p.is_dir())[-1]
         assert {p.name for p in last.glob("engine-rank*.pt")} == {"engine-rank0.pt", "engine-rank1.pt"}
 
 
@@ -133,7 +138,9 @@ def test_accelerate_applies_task_pruning_and_says_why_the_rest_does_not_apply(lm
 def test_search_runs_two_trials_and_exports_a_best_pipeline(lm_run):
     import pandas as pd
 
-    _, _, _, out = lm_run
+    kind, _, _, out = lm_run
+    if kind not in FULL:
+        pytest.skip(f"search runs on {FULL} only")
     trials = pd.read_parquet(out["search"] / "trials.parquet")
     assert len(trials) == 2 and set(trials.status) == {"complete"}
     assert (out["search"] / "best_pipeline.yaml").exists() and (out["search"] / "best" / "checkpoint").is_dir()

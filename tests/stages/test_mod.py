@@ -5,6 +5,7 @@ the same budget, a rerun resumes from the last checkpoint, and the artifacts rea
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -30,8 +31,9 @@ MOD = {"enabled": True, "routing": "task", "budget": 0.75, "max_importance": 2.0
 
 
 @pytest.fixture(scope="module")
-def mod_run(ray_cluster, tmp_path_factory):
-    runs = tmp_path_factory.mktemp("mod-runs")
+def mod_run(tiny_run, ray_cluster, tmp_path_factory):
+    # a copy of the session's tiny run: shard, pretrain and score are cached
+    runs = Path(shutil.copytree(tiny_run[0], tmp_path_factory.mktemp("mod-runs") / "runs"))
     cfg = load_config(data=tiny_pipeline(mod=MOD, prune={"enabled": False}, evaluate={"enabled": False}))
     result = run_pipeline(cfg, runs_dir=runs, only=["mod"])
     assert result.ok, {k: v.error for k, v in result.stages.items() if v.error}

@@ -170,6 +170,7 @@ def _finished_trials(experiment: Path) -> set[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.cluster  # a driver SIGKILLed mid-search, then a resume: minutes (make test-cluster)
 def test_an_interrupted_search_resumes_without_redoing_finished_trials(ray_cluster, tmp_path):
     from unislim.pipelines.runner import run_pipeline
 
