@@ -108,7 +108,9 @@ def test_mlflow_failing_after_the_commit_is_a_warning_and_the_output_stays(runs,
     r = cli(capsys, "run", config, "--runs-dir", runs, "--only", "shard", "--force", "shard")
     assert r.rc == 0, r.out[-3000:] + r.err[-3000:]
     assert "Traceback" not in r.out + r.err
-    assert "[shard] WARNING: shard: output complete at" in r.out and "artifacts:" in r.out
+    # the driver's summary (the stage's own "[shard] WARNING" line is Ray's log stream, which may
+    # reach the driver after it returns)
+    assert "warning: shard: output complete at" in r.out and "artifacts:" in r.out
     (shard,) = _complete(runs, "shard")
     parent = _newest_parent(runs)
     assert parent.info.status == "FINISHED" and "pipeline ok" in r.out

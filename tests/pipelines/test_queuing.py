@@ -16,7 +16,7 @@ import yaml
 
 from tests.conftest import REPO, tiny_pipeline
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 HOLD_S = 70  # > RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S's default of 60 s
 
 

@@ -102,6 +102,7 @@ def test_task_agnostic_baseline_has_one_capacity_at_the_same_budget(mod_run):
     assert agnostic["routing"] == "shared" and aware["causal_tasks"] == ["und"] and aware["keep_last"] == {"und": 4}
 
 
+@pytest.mark.cluster  # a killed run resumed: over a minute (make test-cluster)
 def test_a_rerun_resumes_from_the_last_checkpoint(mod_run, tmp_path):
     """The same Ray Train run name (stage + key) picks up the last checkpoint: 4 steps, then 8."""
     cfg, runs, result = mod_run
