@@ -47,7 +47,7 @@ def overrides(kind: str, model: Path, text: Path) -> list[str]:
            "mod.steps=2", "mod.batch_size=8", "mod.warmup_steps=1", "mod.log_every=1", "mod.checkpoint_every=2",
            "mod.num_workers=1", "mod.max_importance=2.0",
            "search.space=" + _flow({"partition.num_experts": {"grid": [8, 16]}, "adapt.eft_steps": {"grid": [0]}}),
-           "search.max_concurrent_trials=2", "search.asha=false",
+           "search.max_concurrent_trials=1", "search.asha=false",
            "accelerate.latency_repeats=1", "accelerate.latency_und_samples=4"]
     if kind == "gptj":
         out += ["model.adapter=" + _flow(GPTJ_ADAPTER)]
