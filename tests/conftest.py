@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import secrets
 import tempfile
@@ -20,6 +21,7 @@ _TOKEN.write_text(secrets.token_hex(32))
 os.environ["RAY_AUTH_MODE"] = "token"
 os.environ["RAY_AUTH_TOKEN_PATH"] = str(_TOKEN)
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
 
 def pytest_collection_modifyitems(config, items):
     """`cluster` tests start their own drivers (SIGKILLed ones, two at once, a second Ray node) and
@@ -56,6 +58,32 @@ def tiny_pipeline(**sections) -> dict:
         else:
             data[name] = values
     return data
+
+
+# The acceptance runs of real architectures (tests/stages/test_causal_lm.py, test_unified.py): every
+# stage and its evaluation. For the suite's 25 minutes some kinds leave stages out;
+# UNISLIM_FULL_STAGES=1 runs every stage on every kind.
+ALL_STAGES = frozenset({"shard", "score", "prune", "partition", "adapt", "search", "mod", "accelerate", "evaluate",
+                        "evaluate-prune", "evaluate-partition", "evaluate-adapt-eft", "evaluate-adapt",
+                        "evaluate-mod", "evaluate-search"})
+FULL_STAGES = os.environ.get("UNISLIM_FULL_STAGES") == "1"
+
+
+def flow_yaml(value) -> str:
+    """`value` as one line of YAML, for a `key=value` override."""
+    import yaml
+
+    return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
+
+
+def stage_outputs(runs: Path, left_out: set[str]) -> dict[str, Path]:
+    """The one complete output folder of every stage but `left_out` (and their evaluations)."""
+    outputs = {}
+    for stage in ALL_STAGES - left_out - {f"evaluate-{s}" for s in left_out}:
+        manifests = [json.loads(p.read_text()) for p in (runs / stage).glob("*/manifest.json")]
+        assert len(manifests) == 1 and manifests[0]["complete"], stage
+        outputs[stage] = Path(manifests[0]["dir"])
+    return outputs
 
 
 def stage_config(data: dict, stage: str):

@@ -9,7 +9,6 @@ ZeRO-2 on the Ray Data shards of both tasks) → mod → accelerate → evaluate
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
-from tests.conftest import REPO
+from tests.conftest import FULL_STAGES, REPO, flow_yaml, stage_outputs
 from tests.families.tiny_unified import digits_rows, trained, write_rows
 from unislim.modeling.loading import load_model
 from unislim.modeling.surgery.mod.layer import routed_layers
@@ -25,18 +24,10 @@ from unislim.modeling.surgery.moe.convert import moe_mlps
 
 pytestmark = pytest.mark.slow
 FAMILIES = ("janus", "emu3")
-# Stages left out, for the suite's 25 minutes: search and mod run the same generic code on every
-# family (tests/stages/test_causal_lm.py runs both on Qwen2; on Janus both passed on 2026-12-01), and
-# MoD's cached decoding is tested on both families in tests/families/test_unified_surgery.py.
-# UNISLIM_FULL_STAGES=1 runs every stage on both.
-LEFT_OUT = ({"janus": set(), "emu3": set()} if os.environ.get("UNISLIM_FULL_STAGES") == "1" else
-            {"janus": {"search", "mod"}, "emu3": {"search", "mod"}})
-EXPECTED = {"shard", "score", "prune", "partition", "adapt", "search", "mod", "evaluate", "evaluate-prune",
-            "evaluate-partition", "evaluate-adapt-eft", "evaluate-adapt", "evaluate-mod", "evaluate-search", "accelerate"}
-
-
-def _flow(value) -> str:
-    return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
+# Left out, for the suite's 25 minutes: search and mod run the same generic code on every family
+# (tests/stages/test_causal_lm.py runs both on Qwen2; on Janus both passed on 2026-12-01), and MoD's
+# cached decoding is tested on both families in tests/families/test_unified_surgery.py.
+LEFT_OUT = set() if FULL_STAGES else {"search", "mod"}
 
 
 def overrides(model: Path, und: Path, gen: Path) -> list[str]:
@@ -48,7 +39,7 @@ def overrides(model: Path, und: Path, gen: Path) -> list[str]:
             "adapt.num_workers=1", "adapt.use_gpu=false", "mod.steps=2", "mod.batch_size=4", "mod.warmup_steps=1",
             "mod.log_every=1", "mod.checkpoint_every=2", "mod.num_workers=1", "mod.use_gpu=false",
             "mod.max_importance=2.0",
-            "search.space=" + _flow({"partition.num_experts": {"grid": [4, 8]}, "adapt.eft_steps": {"grid": [0]}}),
+            "search.space=" + flow_yaml({"partition.num_experts": {"grid": [4, 8]}, "adapt.eft_steps": {"grid": [0]}}),
             "search.max_concurrent_trials=1", "search.asha=false", "search.n_und=4", "search.n_gen=2",
             "accelerate.latency_repeats=1", "accelerate.latency_und_samples=2", "accelerate.latency_gen_samples=2",
             "accelerate.token_pruning.layer=0", "accelerate.layer_skip.every=2", "accelerate.layer_skip.count=1",
@@ -66,15 +57,11 @@ def unified_run(request, ray_cluster, tmp_path_factory):
     und = write_rows(root / "und.parquet", "und", 16, seed=1)  # calib: first 4; held out: 4; train: 12
     gen = write_rows(root / "gen.parquet", "gen", 16, seed=2)
     runs = root / "runs"
-    off = [f"{stage}.enabled=false" for stage in sorted(LEFT_OUT[name])]
+    off = [f"{stage}.enabled=false" for stage in sorted(LEFT_OUT)]
     rc = main(["run", str(REPO / "examples" / f"{name}.yaml"), *overrides(model, und, gen), *off,
                f"experiment=unislim-test-{name}", "--runs-dir", str(runs)])
     assert rc == 0
-    outputs = {}
-    for stage in EXPECTED - LEFT_OUT[name] - {f"evaluate-{s}" for s in LEFT_OUT[name]}:
-        manifests = [json.loads(p.read_text()) for p in (runs / stage).glob("*/manifest.json")]
-        assert len(manifests) == 1 and manifests[0]["complete"], stage
-        outputs[stage] = Path(manifests[0]["dir"])
+    outputs = stage_outputs(runs, LEFT_OUT)
     return name, model, runs, outputs
 
 
