@@ -413,9 +413,13 @@ def deepspeed_engine(model, optimizer, scheduler=None, *, zero_stage: int = 2, g
     import torch
 
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
-    import deepspeed
-    import deepspeed.comm.torch as ds_comm
+    import importlib
 
+    import deepspeed
+
+    # not `import deepspeed.comm.torch as …`: the package `deepspeed.comm` has an attribute `torch`
+    # (the torch module, from its star import), and that binds it instead of the submodule
+    ds_comm = importlib.import_module("deepspeed.comm.torch")
     if os.environ["DS_ACCELERATOR"] == "cpu":
         # DeepSpeed's CPU backend JIT-builds a shared-memory all-reduce (C++) when it starts, behind a
         # lock file in ~/.cache/torch_extensions: a build killed half-way leaves the lock, and every
