@@ -172,7 +172,15 @@ def _read_until(proc: subprocess.Popen, predicate, timeout: float) -> list[str]:
 def test_ctrl_c_ends_the_running_stage_and_the_pipeline_killed(runs, ray_cluster, tmp_path):
     config = _config(tmp_path, score={"gen_steps": 6})  # a new score key: score computes
     proc = _start(config, runs, ray_cluster, "--only", "score")
-    seen = _read_until(proc, lambda ln: "[score]" in ln and "rows over" in ln, 300)
+    # Wait for the stage's temp folder, not its log line: Ray streams stage logs to the driver
+    # asynchronously, and on a slow day "[score] … rows over" arrived after the 10 s stage had ended.
+    deadline = time.time() + 300
+    while not list((runs / "score").glob(".tmp-*")):
+        if proc.poll() is not None or time.time() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail("score never started:\n" + proc.communicate()[0][-3000:])
+        time.sleep(0.1)
+    seen = []
     t0 = time.time()
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal does on Ctrl-C: the whole foreground group
     rest, _ = proc.communicate(timeout=120)
