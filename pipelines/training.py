@@ -28,6 +28,7 @@ epoch still covers every row once across the workers.
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -413,8 +414,6 @@ def deepspeed_engine(model, optimizer, scheduler=None, *, zero_stage: int = 2, g
     import torch
 
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
-    import importlib
-
     import deepspeed
 
     # not `import deepspeed.comm.torch as …`: the package `deepspeed.comm` has an attribute `torch`
