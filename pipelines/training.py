@@ -332,8 +332,9 @@ def train_loop_per_worker(config: dict) -> None:
                                           router_lr=config.get("router_lr"))
     engine, start, history, resumes = resume_deepspeed(model, optimizer, scheduler, zero_stage=config["zero_stage"],
                                                        micro_batch_size=local_batch)
-    if start and rank == 0:
-        ctx.progress(f"{prefix}: resumed from step {start}")
+    if rank == 0:
+        ctx.progress(f"{prefix}: {world_size} worker(s) ready (model, data shards, DeepSpeed ZeRO-{config['zero_stage']})"
+                     + (f"; resumed from step {start}" if start else ""))
     dtype = next(engine.module.parameters()).dtype
     for _ in range(start):  # the rows the interrupted run already trained on (see the module docstring)
         for s in streams.values():
