@@ -12,7 +12,8 @@ CPUs, then logs a `WorkerGroupStartupTimeoutError` traceback and retries, for as
 stages hold the CPUs; a run on a busy cluster reads like a crash. A stage task sets that timeout to
 `QUEUE_TIMEOUT_S` and registers `QueueNotice` (`RAY_TRAIN_CALLBACKS`), which prints one line
 ("waiting for 1 CPU …") after `NOTICE_AFTER_S` and one when the workers start, and refuses at once a
-request the cluster can never hold.
+request the cluster can never hold. A group whose placement group is already placed but whose
+processes are still starting gets "starting N Ray Train worker(s) …" instead: not a queue.
 """
 
 from __future__ import annotations
@@ -249,6 +250,11 @@ else:
             self._timer.start()
 
         def _notice(self, need: dict[str, float], n: int, t0: float) -> None:
+            if not _placement_pending():
+                # placed: the resources are held, by this group among others, and its processes are
+                # still starting (importing torch on a small machine takes seconds): not a queue
+                _say(f"[{self.stage}] starting {n} Ray Train worker(s) ({_amounts(need)} reserved) …")
+                return
             free, total = ray.available_resources(), ray.cluster_resources()
             now = ", ".join(f"{free.get(k, 0):g} of {total.get(k, 0):g} {k}" for k in need)
             self._waiting_since = t0
@@ -264,6 +270,15 @@ else:
                 if self._waiting_since is not None:
                     _say(f"[{self.stage}] workers placed after waiting {time.monotonic() - self._waiting_since:.0f}s")
                     self._waiting_since = None
+
+
+def _placement_pending() -> bool:
+    """Whether any placement group on the cluster still waits for its resources (Ray Train reserves
+    its workers' resources as one)."""
+    try:
+        return any(pg.get("state") in ("PENDING", "RESCHEDULING") for pg in ray.util.placement_group_table().values())
+    except Exception:  # noqa: BLE001 - the state API unreachable: assume queued, the old message
+        return True
 
 
 def _say(line: str) -> None:
