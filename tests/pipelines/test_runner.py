@@ -80,4 +80,8 @@ def test_rerun_reuses_everything_and_a_changed_setting_reruns_only_its_stage(tin
 
     forced = run_pipeline(cfg, runs_dir=runs, only=["pretrain"], force=["pretrain"])
     assert {k: r.status for k, r in forced.stages.items()} == {"shard": "cached", "pretrain": "ran"}  # and upstream
+    # forced means trained again from step 0, not a resume of the finished Ray Train run (zero steps)
+    log = json.loads((Path(forced.stages["pretrain"].manifest.dir) / "history.json").read_text())
+    assert log["resumed_from"] == [] and [e["step"] for e in log["history"]][-1] == cfg.pretrain.steps
+    assert log["history"][0]["step"] == cfg.pretrain.log_every
 
