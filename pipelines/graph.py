@@ -84,7 +84,8 @@ def plan(cfg: PipelineConfig) -> list[StageSpec]:
     heldout = {"heldout": ("shard", "heldout"), "tasks": ("shard", "tasks")}
     if cfg.shard.enabled:
         extra = (("training_tasks", cfg.training_tasks()), ("train_rows", train_rows(cfg)),
-                 ("family", "digits" if cfg.model.source == "reference" else cfg.model.family))
+                 ("family", "digits" if cfg.model.source == "reference" else cfg.model.family),
+                 ("trust_remote_code", cfg.model.trust_remote_code))
         specs.append(StageSpec("shard", ("shard", "data"), {} if cfg.model.source == "reference" else
                                {"checkpoint": (SOURCE, "checkpoint")}, extra=extra))
     if cfg.model.source == "reference":

@@ -24,13 +24,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from unislim.modeling.families import DataError, get_family
+from unislim.modeling.families import DataError, family_for, get_family
 
 
 def run(cfg: Any, inputs: dict, ctx: Any) -> dict[str, str]:
     sh, data = cfg.shard, cfg.data
-    family = get_family(cfg.family)
-    model_config = _model_config(inputs)
+    model_config = _model_config(inputs, cfg.trust_remote_code)
+    # a checkpoint from a path: its family by name, or from its config.json (`model.family: auto`)
+    family = (get_family(cfg.family) if model_config is None else
+              family_for(model_config, name=cfg.family, trust_remote_code=cfg.trust_remote_code))
     out = Path(ctx.out_dir)
     tasks: dict[str, dict[str, Any]] = {}
     for task in sh.tasks:
@@ -77,12 +79,12 @@ def run(cfg: Any, inputs: dict, ctx: Any) -> dict[str, str]:
     return outputs
 
 
-def _model_config(inputs: dict):
+def _model_config(inputs: dict, trust_remote_code: bool = False):
     if "checkpoint" not in inputs:
         return None
     from unislim.modeling.loading import read_config
 
-    return read_config(inputs["checkpoint"].path)
+    return read_config(inputs["checkpoint"].path, trust_remote_code)
 
 
 def _write(table: pa.Table, folder: Path, rows_per_file: int) -> None:

@@ -85,3 +85,17 @@ def test_rerun_reuses_everything_and_a_changed_setting_reruns_only_its_stage(tin
     assert log["resumed_from"] == [] and [e["step"] for e in log["history"]][-1] == cfg.pretrain.steps
     assert log["history"][0]["step"] == cfg.pretrain.log_every
 
+
+
+def test_a_checkpoint_from_a_path_finds_its_family_from_its_config(tiny_run, tmp_path):
+    """`model.source: path` with the default `model.family: auto`: the shard stage reads the family
+    off the checkpoint's config.json (here the digits model's), as every later stage does."""
+    runs, first = tiny_run
+    checkpoint = Path(first.stages["pretrain"].manifest.dir) / "checkpoint"
+    cfg = load_config(data=tiny_pipeline(model={"source": "path", "path": str(checkpoint)},
+                                         pretrain={"enabled": False}))
+    assert cfg.model.family == "auto"
+    result = run_pipeline(cfg, runs_dir=tmp_path / "runs", only=["shard"])
+    assert result.ok, {k: v.error for k, v in result.stages.items() if v.error}
+    tasks = json.loads((Path(result.stages["shard"].manifest.dir) / "tasks.json").read_text())
+    assert {t["kind"] for t in tasks.values()} == {"und", "gen"}
