@@ -107,7 +107,8 @@ def test_the_shard_stage_checks_every_row_again(tmp_path):
     und = _und(tmp_path / "nan.parquet", [GOOD_IMAGE, [math.nan] * 128])
     cfg = SimpleNamespace(shard=ShardConfig(tasks=[CalibrationTask(name="mine", kind="und", source="parquet",
                                                                    path=str(und))]),
-                          data=DataConfig(), training_tasks=[], train_rows={}, family="digits")
+                          data=DataConfig(), training_tasks=[], train_rows={}, family="digits",
+                          trust_remote_code=False)
     out = tmp_path / "out"
     with pytest.raises(DataError, match=r"shard.tasks\[mine\].*nan.parquet.*1 of 2 rows rejected"):
         shard.run(cfg, {}, StageContext.local("shard", out))

@@ -87,7 +87,7 @@ def test_bad_user_parquet_is_named(tmp_path, ray_cluster):
     pq.write_table(pa.table({"text": ["a", "b"]}), bad)
     def cfg(task):
         return SimpleNamespace(shard=ShardConfig(tasks=[task]), data=DataConfig(), training_tasks=[], train_rows={},
-                               family="causal_lm")
+                               family="causal_lm", trust_remote_code=False)
 
     with pytest.raises(ValueError, match=r"shard.tasks\[mine\] \(.*bad.parquet\).*missing \['input_ids'\]"):
         shard.run(cfg(CalibrationTask(name="mine", kind="text", source="parquet", path=str(bad))), {},
