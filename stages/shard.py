@@ -79,7 +79,7 @@ def run(cfg: Any, inputs: dict, ctx: Any) -> dict[str, str]:
     return outputs
 
 
-def _model_config(inputs: dict, trust_remote_code: bool = False):
+def _model_config(inputs: dict, trust_remote_code: bool):
     if "checkpoint" not in inputs:
         return None
     from unislim.modeling.loading import read_config

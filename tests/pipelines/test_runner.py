@@ -90,7 +90,7 @@ def test_rerun_reuses_everything_and_a_changed_setting_reruns_only_its_stage(tin
 def test_a_checkpoint_from_a_path_finds_its_family_from_its_config(tiny_run, tmp_path):
     """`model.source: path` with the default `model.family: auto`: the shard stage reads the family
     off the checkpoint's config.json (here the digits model's), as every later stage does."""
-    runs, first = tiny_run
+    _, first = tiny_run
     checkpoint = Path(first.stages["pretrain"].manifest.dir) / "checkpoint"
     cfg = load_config(data=tiny_pipeline(model={"source": "path", "path": str(checkpoint)},
                                          pretrain={"enabled": False}))
