@@ -14,9 +14,14 @@ worker runs `train_loop_per_worker`:
    plus surgery's auxiliary losses (MoE load balance, MoD predictor);
 4. rank 0 logs to MLflow and every rank reports its optimizer shard with the model every
    `checkpoint_every` steps — one checkpoint format: an HF folder (`model/`) + `engine-rank<r>.pt` +
-   `state.json`.
-The run is named after the stage's cache key (and phase) under `<runs-dir>/ray_train/`, so rerunning
-a stage resumes from its last checkpoint (Ray Train V2).
+   `state.json` (phase, step, log, resumes).
+A spec may list `phases` (adapt: EFT, then MoE): each overrides the spec's fields, and the workers
+run them one after another on the same data streams, each with a fresh model build (from the
+previous phase's weights), optimizer and engine — one Ray Train run, so a phase pays no worker
+start-up (~40 s on 2 CPUs). A finished phase's model rides along in later checkpoints as
+`snapshots/phase-<name>`.
+The run is named after the stage's cache key under `<runs-dir>/ray_train/`, so rerunning a stage
+resumes from its last checkpoint (Ray Train V2).
 
 Resume and data order: a resumed run restarts at the step after its checkpoint with the model,
 optimizer and scheduler state and the same per-step random draws, and skips as many rows of each
@@ -104,9 +109,10 @@ def training_datasets(train_dir: str | Path, tasks: dict[str, dict]) -> dict:
 
 def train(ctx: StageContext, spec: dict[str, Any], inputs: dict, section: Any, *, name_suffix: str = "",
           storage: str | None = None, name: str | None = None) -> tuple[Path, dict]:
-    """Train one phase and return (the final checkpoint's `model/` folder copied to a temp folder,
-    the state: history, resumes). `section` is the stage's Ray Train config (workers, CPUs, GPU,
-    max_failures); `inputs` has the shard stage's `train` and `tasks`."""
+    """Train `spec` (one phase or its `phases`) and return (a temp folder with the final
+    checkpoint's `model/` and `snapshots/`, its state: history, resumes; `phase_states` splits it
+    by phase). `section` is the stage's Ray Train config (workers, CPUs, GPU, max_failures);
+    `inputs` has the shard stage's `train` and `tasks`."""
     tasks = json.loads(Path(inputs["tasks"].path).read_text())
     spec = {**spec, "kinds": {name: tasks[name]["kind"] for name in spec["mix"]}}
     datasets = training_datasets(inputs["train"].path, {n: tasks[n] for n in spec["mix"]})
@@ -302,53 +308,84 @@ def _prepare(family, model, spec: dict, rank: int, ctx, fit_batch: Callable[[], 
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """One Ray Train worker: build, prepare, wrap in DeepSpeed, resume, train on the data shards, report."""
+    """One Ray Train worker: open the data shards, then for each phase of the spec (one unless
+    `phases` lists several, e.g. adapt's EFT then MoE) build, prepare, wrap in DeepSpeed, resume,
+    train and report. The phases share the worker, its data streams and the run's checkpoints:
+    the last report of a phase is the next phase's step 0, and the finished phase's model travels
+    on as `snapshots/phase-<name>`."""
+    import torch
+
+    torch.set_num_threads(config["threads"])
+    rank, world_size = world()
+    phases = [{**config, **phase} for phase in config.get("phases") or [{}]]
+    with latest_checkpoint() as folder:
+        saved = json.loads((folder / "state.json").read_text()) if folder is not None else None
+        snapshots = Path(tempfile.mkdtemp(prefix="unislim-snapshots-"))
+        if folder is not None and (folder / "snapshots").exists():
+            shutil.copytree(folder / "snapshots", snapshots, dirs_exist_ok=True)
+    first = saved.get("phase", 0) if saved else 0
+    counts = local_counts(config["mix"], config["batch_size"] // world_size)
+    streams = {t: row_stream(ray.train.get_dataset_shard(t), n, config["seed"] * 7919 + rank)
+               for t, n in counts.items()}
+    # the rows the interrupted run already trained on (see the module docstring)
+    for _ in range(sum(p["steps"] for p in phases[:first]) + (saved["step"] if saved else 0)):
+        for s in streams.values():
+            next(s)
+    done, weights = (saved or {}).get("done", []), None
+    for index in range(first, len(phases)):
+        record, weights = _train_phase(phases, index, streams, counts, snapshots, done, weights,
+                                       restarted=saved is not None)
+        done = done + [record]
+    shutil.rmtree(snapshots, ignore_errors=True)
+
+
+def _train_phase(phases: list[dict], index: int, streams: dict, counts: dict, snapshots: Path, done: list,
+                 weights: dict | None, *, restarted: bool) -> tuple[dict, dict | None]:
+    """Phase `index` of one worker: from `weights` (the previous phase's, in this process) or the
+    run's last checkpoint or the spec's init. Returns (its record: name, history, resumes, data,
+    and the trained weights when another phase follows)."""
     import itertools
 
     import torch
 
     from unislim.modeling.surgery import aux
 
-    torch.set_num_threads(config["threads"])
+    config, last_phase = phases[index], index == len(phases) - 1
     rank, world_size = world()
     ctx, steps, prefix = config["ctx"], config["steps"], config.get("log_prefix", "train")
     family, model = _build(config)
-    local_batch = config["batch_size"] // world_size
-    counts = local_counts(config["mix"], local_batch)
     kinds = config["kinds"]
 
     def collate(rows: dict, step: int):
         generator = torch.Generator().manual_seed((config["seed"] * 1_000_003 + rank) * 10_000_019 + step)
         return family.collate(_merge_kinds(rows, kinds), generator, model.config)
 
-    streams = {t: row_stream(ray.train.get_dataset_shard(t), n, config["seed"] * 7919 + rank)
-               for t, n in counts.items()}
     first = {t: next(s) for t, s in streams.items()}  # peeked for router fitting, then trained on
-    streams = {t: itertools.chain([first[t]], s) for t, s in streams.items()}
+    streams.update({t: itertools.chain([first[t]], s) for t, s in streams.items()})
     data = {"rows_per_step": counts, "first_rows": {t: row_fingerprints(b) for t, b in first.items()}}
     _prepare(family, model, config, rank, ctx, lambda: collate(first, -1))
     model.train()
     optimizer, scheduler = make_optimizer(model, config["lr"], steps, config["warmup_steps"],
                                           router_lr=config.get("router_lr"))
-    engine, start, history, resumes = resume_deepspeed(model, optimizer, scheduler, zero_stage=config["zero_stage"],
-                                                       micro_batch_size=local_batch)
+    engine, start, history, resumes = resume_deepspeed(model, optimizer, scheduler, phase=index, weights=weights,
+                                                       zero_stage=config["zero_stage"],
+                                                       micro_batch_size=config["batch_size"] // world_size)
+    del weights
     if rank == 0:
         ctx.progress(f"{prefix}: {world_size} worker(s) ready (model, data shards, DeepSpeed ZeRO-{config['zero_stage']})"
-                     + (f"; resumed from step {start}" if start else ""))
+                     + (f"; phase {index + 1} of {len(phases)}" if len(phases) > 1 else "")
+                     + (f"; resumed from step {start}" if resumes and resumes[-1] == start else ""))
     dtype = next(engine.module.parameters()).dtype
-    for _ in range(start):  # the rows the interrupted run already trained on (see the module docstring)
-        for s in streams.values():
-            next(s)
-    snapshots = Path(tempfile.mkdtemp(prefix="unislim-snapshots-"))
-    with latest_checkpoint() as folder:
-        if folder is not None and (folder / "snapshots").exists():
-            shutil.copytree(folder / "snapshots", snapshots, dirs_exist_ok=True)
+
+    def state(step: int) -> dict:
+        return {"phase": index, "name": prefix, "step": step, "history": history, "resumes": resumes, "data": data,
+                "done": done}
 
     offset = config.get("step_offset", 0)
     sums: dict[str, float] = {}
     busy, t_log, last_log = 0.0, time.time(), start
     for step in range(start, steps):
-        if step == config.get("fail_at_step") and rank == world_size - 1 and start == 0:
+        if step == config.get("fail_at_step") and rank == world_size - 1 and not restarted:
             # An injected worker death (`fail_at_step`), only before any resume. The Ray Train
             # controller collects reported checkpoints by polling: wait as a real step would.
             time.sleep(5)
@@ -367,26 +404,40 @@ def train_loop_per_worker(config: dict) -> None:
         for k, v in {"loss": total, **parts, **extra}.items():
             sums[k] = sums.get(k, 0.0) + float(v.detach())
 
-        done = step + 1
-        if done in config.get("snapshot_steps", ()) and rank == 0:
-            model.save_pretrained(snapshots / f"step-{done}")
-        if done % config["log_every"] == 0 or done == steps:
-            n = done - last_log
-            entry = {"step": done, **{k: v / n for k, v in sums.items()}, "lr": scheduler.get_last_lr()[0],
+        done_steps = step + 1
+        if done_steps in config.get("snapshot_steps", ()):
+            save_model(engine, model, snapshots / f"step-{done_steps}")
+        if done_steps % config["log_every"] == 0 or done_steps == steps:
+            n = done_steps - last_log
+            entry = {"step": done_steps, **{k: v / n for k, v in sums.items()}, "lr": scheduler.get_last_lr()[0],
                      "time_s": round(time.time() - t_log, 3), "busy_s": round(busy, 4), "steps": n}
             entry.update(_router_load(model))
             history.append(entry)
-            sums, busy, t_log, last_log = {}, 0.0, time.time(), done
+            sums, busy, t_log, last_log = {}, 0.0, time.time(), done_steps
             if rank == 0:
                 ctx.log_metrics({f"{prefix}/{k}": v for k, v in entry.items() if k not in ("step", "steps")},
-                                step=offset + done)
-                ctx.progress(f"{prefix} step {done}/{steps}  loss {entry['loss']:.4f}  "
+                                step=offset + done_steps)
+                ctx.progress(f"{prefix} step {done_steps}/{steps}  loss {entry['loss']:.4f}  "
                              f"{entry['busy_s'] / n:.3f}s/step")
-        if done % config["checkpoint_every"] == 0 or done == steps:
-            report({"step": done, "loss": history[-1]["loss"] if history else float("nan")},
-                   write=lambda f: save_deepspeed(f, engine, model, done, history, resumes, snapshots, data),
-                   all_ranks=True)
-    shutil.rmtree(snapshots, ignore_errors=True)
+        if done_steps == steps and not last_phase:
+            # the phase's end is the next phase's start: its model (kept as a snapshot), step 0, no optimizer
+            save_model(engine, model, snapshots / f"phase-{prefix}")
+            record = {k: v for k, v in state(steps).items() if k not in ("phase", "done")}
+            nxt = {"phase": index + 1, "name": phases[index + 1].get("log_prefix", "train"), "step": 0,
+                   "history": [], "resumes": [], "data": {}, "done": done + [record]}
+            report({"step": steps, "loss": history[-1]["loss"] if history else float("nan")},
+                   write=lambda f: save_deepspeed(f, engine, model, nxt, snapshots), all_ranks=True)
+            return record, full_weights(engine, model)
+        if done_steps % config["checkpoint_every"] == 0 or done_steps == steps:
+            report({"step": done_steps, "loss": history[-1]["loss"] if history else float("nan")},
+                   write=lambda f: save_deepspeed(f, engine, model, state(done_steps), snapshots), all_ranks=True)
+    return {k: v for k, v in state(steps).items() if k not in ("phase", "done")}, None
+
+
+def phase_states(state: dict) -> dict[str, dict]:
+    """A finished run's `state.json` → {phase name: its history, resumes, data, step}, in order."""
+    current = {k: v for k, v in state.items() if k not in ("phase", "done")}
+    return {r["name"]: r for r in [*state.get("done", []), current]}
 
 
 def _router_load(model) -> dict[str, float]:
@@ -480,44 +531,67 @@ def load_engine_state(engine, folder: Path) -> None:
         engine.lr_scheduler.load_state_dict(states[rank]["scheduler"])
 
 
-def resume_deepspeed(model, optimizer, scheduler=None, **engine_options) -> tuple[Any, int, list, list]:
-    """The DeepSpeed half of a resumable training loop: load the last reported checkpoint's model
-    weights (before ZeRO partitions them), build the engine, restore this rank's optimizer state.
+def resume_deepspeed(model, optimizer, scheduler=None, *, phase: int = 0, weights: dict | None = None,
+                     **engine_options) -> tuple[Any, int, list, list]:
+    """The DeepSpeed half of a resumable training loop: load the starting weights (before ZeRO
+    partitions them), build the engine, restore this rank's optimizer state. The weights are
+    `weights` when given (the previous phase's, in this process), else the last reported
+    checkpoint's (a resume: its `state.json` must be at `phase`), else the model's own.
 
     Returns (engine, start step, log so far, steps resumed from). `save_deepspeed` writes what this
-    reads."""
+    reads; a phase's step-0 checkpoint has no optimizer state (a phase starts a fresh one)."""
     from safetensors.torch import load_file
 
     start, history, resumes = 0, [], []
     with latest_checkpoint() as folder:
-        if folder is not None:
-            model.load_state_dict(load_file(folder / "model" / "model.safetensors"))
+        if weights is not None:
+            model.load_state_dict(weights)
+            folder = None
+        elif folder is not None:
             state = json.loads((folder / "state.json").read_text())
+            if state.get("phase", 0) != phase:
+                raise RuntimeError(f"{folder} is a checkpoint of phase {state.get('phase', 0)}, not {phase}")
+            model.load_state_dict({k: v for f in sorted((folder / "model").glob("*.safetensors"))
+                                   for k, v in load_file(f).items()})
             start, history, resumes = state["step"], state["history"], state["resumes"] + [state["step"]]
         engine = deepspeed_engine(model, optimizer, scheduler, **engine_options)
-        if folder is not None:
+        if folder is not None and start > 0:
             load_engine_state(engine, folder)
     return engine, start, history, resumes
 
 
-def save_deepspeed(folder: Path, engine, model, step: int, history: list, resumes: list,
-                   snapshots: Path | None = None, data: dict | None = None) -> None:
-    """Every rank: its optimizer shard. Rank 0: the model (gathered first under ZeRO-3, a
-    collective), the step, the log, the steps the run was resumed from, early snapshots, and what
-    the data stream looked like (rows per step and task, fingerprints of the first rows read)."""
+def _gathered(engine, model):
+    """Every parameter whole on every rank for the block (a collective under ZeRO-3), else nothing."""
     from contextlib import nullcontext
 
-    rank, _ = world()
-    save_engine_state(engine, folder)
-    gathered = nullcontext()
-    if engine.zero_optimization_stage() == 3:
-        import deepspeed
+    if engine.zero_optimization_stage() != 3:
+        return nullcontext()
+    import deepspeed
 
-        gathered = deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
-    with gathered:
-        if rank == 0:
-            model.save_pretrained(folder / "model")
-            if snapshots is not None and snapshots.exists() and any(snapshots.iterdir()):
-                shutil.copytree(snapshots, folder / "snapshots")
-            (folder / "state.json").write_text(json.dumps({"step": step, "history": history, "resumes": resumes,
-                                                           "data": data or {}}))
+    return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+
+
+def save_model(engine, model, folder: Path) -> None:
+    """Rank 0 saves the whole model as an HF folder. Every rank must call it (ZeRO-3 gathers)."""
+    with _gathered(engine, model):
+        if world()[0] == 0:
+            model.save_pretrained(folder)
+
+
+def full_weights(engine, model) -> dict:
+    """This rank's copy of the whole state dict, on the CPU (ZeRO-3 gathers: every rank calls it)."""
+    with _gathered(engine, model):
+        return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def save_deepspeed(folder: Path, engine, model, state: dict, snapshots: Path | None = None) -> None:
+    """Every rank: its optimizer shard (none at a phase's step 0). Rank 0: the model (gathered first
+    under ZeRO-3, a collective), `state.json` (phase, step, the log, the steps the run was resumed
+    from, what the data stream looked like, the finished phases' records) and the snapshots."""
+    if state["step"] > 0:
+        save_engine_state(engine, folder)
+    save_model(engine, model, folder / "model")
+    if world()[0] == 0:
+        if snapshots is not None and snapshots.exists() and any(snapshots.iterdir()):
+            shutil.copytree(snapshots, folder / "snapshots")
+        (folder / "state.json").write_text(json.dumps(state))

@@ -1,8 +1,8 @@
 """Stage `adapt`: train a partitioned MoE model back to quality on Ray Train with DeepSpeed
 (Slim & Sparse §4.2, Table 4), on any family.
 
-Two phases of the one training loop (`pipelines/training.py`), each its own resumable Ray Train run
-(`adapt-<key>-eft`, `adapt-<key>-moe`):
+Two phases of the one training loop (`pipelines/training.py`) in one resumable Ray Train run
+(`adapt-<key>`; the phases share its workers, so the second pays no start-up):
 1. **Expert-Frozen Tuning** (`eft_steps`): expert weights frozen (no gradients, not in the
    optimizer); routers, attention, norms and the rest train;
 2. **MoE adaptation** (`moe_steps`): everything trains.
@@ -41,24 +41,24 @@ def run(cfg: Any, inputs: dict, ctx: Any) -> dict[str, str]:
     phases = [("eft", a.eft_steps), ("moe", a.moe_steps)] if is_moe else [("dense", a.eft_steps + a.moe_steps)]
     phases = [(name, steps) for name, steps in phases if steps > 0]
     out = Path(ctx.out_dir)
-    history: dict[str, list] = {}
-    resumed: dict[str, list] = {}  # phase -> steps it was resumed from (after a failure or a rerun)
-    data: dict[str, dict] = {}  # phase -> rows per step and task, fingerprints of the first rows read
-    init = source
-    for i, (phase, steps) in enumerate(phases):
-        last = i == len(phases) - 1
-        ctx.progress(f"phase {phase}: {steps} steps from {init.name}")
-        spec = phase_spec(a, cfg.seed, cfg.mix, family, cfg.model.adapter, init, phase, steps,
-                          step_offset=sum(s for _, s in phases[:i]), fail_at_step=a.fail_at_step if last else None)
-        folder, state = training.train(ctx, spec, inputs, a, name_suffix=phase)
-        target = out / ("checkpoint" if last else f"checkpoint-{phase}")
-        shutil.move(str(folder / "model"), target)
-        shutil.rmtree(folder, ignore_errors=True)
+    ctx.progress("phases: " + ", then ".join(f"{phase} {steps} steps" for phase, steps in phases))
+    spec = training.recipe(a, cfg.seed, cfg.mix, family=family.name, adapter=cfg.model.adapter, init=str(source),
+                           phases=[phase_fields(phase, steps, step_offset=sum(s for _, s in phases[:i]),
+                                                fail_at_step=a.fail_at_step if i == len(phases) - 1 else None)
+                                   for i, (phase, steps) in enumerate(phases)])
+    folder, state = training.train(ctx, spec, inputs, a)  # one Ray Train run: the phases share its workers
+    records = training.phase_states(state)
+    trained = {phases[-1][0]: folder / "model"} | {name: folder / "snapshots" / f"phase-{name}" for name, _ in phases[:-1]}
+    for phase, model_dir in trained.items():
+        target = out / ("checkpoint" if phase == phases[-1][0] else f"checkpoint-{phase}")
+        shutil.move(str(model_dir), target)
         carry_files(source, target)
-        history[phase], resumed[phase], data[phase] = state["history"], state["resumes"], state.get("data", {})
-        description = f"adapt:{phase}:{_source_description(source)}"
-        (target / "unislim.json").write_text(json.dumps({"description": description, "stage": "adapt"}))
-        init = target
+        (target / "unislim.json").write_text(json.dumps({"description": f"adapt:{phase}:{_source_description(source)}",
+                                                         "stage": "adapt"}))
+    shutil.rmtree(folder, ignore_errors=True)
+    history = {name: r["history"] for name, r in records.items()}
+    resumed = {name: r["resumes"] for name, r in records.items()}  # steps each phase was resumed from
+    data = {name: r.get("data", {}) for name, r in records.items()}  # rows per step, fingerprints of the first rows
 
     (out / "history.json").write_text(json.dumps({"history": history, "resumed_from": resumed, "data": data}))
     model = family.load(out / "checkpoint")  # reloads through its family
@@ -82,12 +82,17 @@ def run(cfg: Any, inputs: dict, ctx: Any) -> dict[str, str]:
     return outputs
 
 
+def phase_fields(phase: str, steps: int, *, step_offset: int = 0, fail_at_step: int | None = None) -> dict:
+    """What one phase sets in the training-loop spec: EFT freezes the experts."""
+    return {"log_prefix": phase, "steps": steps, "prepare": {"freeze_experts": phase == "eft"},
+            "step_offset": step_offset, "fail_at_step": fail_at_step}
+
+
 def phase_spec(a: Any, seed: int, mix: dict, family, adapter: dict | None, init: Path, phase: str, steps: int, *,
-               step_offset: int = 0, fail_at_step: int | None = None) -> dict:
-    """The training-loop spec of one phase (also what a `search` trial trains)."""
-    return training.recipe(a, seed, mix, family=family.name, adapter=adapter, init=str(init), steps=steps,
-                           prepare={"freeze_experts": phase == "eft"}, log_prefix=phase, step_offset=step_offset,
-                           fail_at_step=fail_at_step)
+               step_offset: int = 0) -> dict:
+    """The training-loop spec of one phase on its own (what a `search` trial trains, phase by phase)."""
+    return training.recipe(a, seed, mix, family=family.name, adapter=adapter, init=str(init),
+                           **phase_fields(phase, steps, step_offset=step_offset))
 
 
 def _source_description(source: Path) -> str:

@@ -96,9 +96,8 @@ def test_adapt_trains_eft_then_moe_on_two_zero2_workers_reading_the_shards(lm_ru
     assert log["data"]["eft"]["rows_per_step"] == {"text": 4}  # batch 8 over 2 workers
     written = set(row_fingerprints(columns(pq.read_table(sorted((out["shard"] / "train" / "text").glob("*.parquet"))))))
     assert set(log["data"]["moe"]["first_rows"]["text"]) <= written
-    for phase in ("eft", "moe"):
-        last = sorted(p for p in (runs / "ray_train").glob(f"adapt-*-{phase}/checkpoint_*") if p.is_dir())[-1]
-        assert {p.name for p in last.glob("engine-rank*.pt")} == {"engine-rank0.pt", "engine-rank1.pt"}
+    last = sorted(p for p in (runs / "ray_train").glob("adapt-*/checkpoint_*") if p.is_dir())[-1]  # one run
+    assert {p.name for p in last.glob("engine-rank*.pt")} == {"engine-rank0.pt", "engine-rank1.pt"}
 
 
 def test_evaluation_of_the_source_agrees_with_itself_and_reports_costs(lm_run):
