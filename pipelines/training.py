@@ -18,8 +18,8 @@ worker runs `train_loop_per_worker`:
 A spec may list `phases` (adapt: EFT, then MoE): each overrides the spec's fields, and the workers
 run them one after another on the same data streams, each with a fresh model build (from the
 previous phase's weights), optimizer and engine — one Ray Train run, so a phase pays no worker
-start-up (~40 s on 2 CPUs). A finished phase's model rides along in later checkpoints as
-`snapshots/phase-<name>`.
+start-up (~40 s on 2 CPUs). A finished phase's model is written once, beside the run's checkpoints
+(`<run>/phases/<name>/`), not copied into every later one.
 The run is named after the stage's cache key under `<runs-dir>/ray_train/`, so rerunning a stage
 resumes from its last checkpoint (Ray Train V2).
 
@@ -67,7 +67,7 @@ def fit(loop: Callable[[dict], None], config: dict[str, Any], ctx: StageContext,
     ctx.progress(f"Ray Train: {num_workers} worker(s), run {name} under {storage}")
     trainer = TorchTrainer(
         loop,
-        train_loop_config={**config, "ctx": ctx},
+        train_loop_config={**config, "ctx": ctx, "run_dir": str(Path(storage) / name)},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cpus_per_worker}),
         run_config=RunConfig(name=name, storage_path=storage,
@@ -311,8 +311,8 @@ def train_loop_per_worker(config: dict) -> None:
     """One Ray Train worker: open the data shards, then for each phase of the spec (one unless
     `phases` lists several, e.g. adapt's EFT then MoE) build, prepare, wrap in DeepSpeed, resume,
     train and report. The phases share the worker, its data streams and the run's checkpoints:
-    the last report of a phase is the next phase's step 0, and the finished phase's model travels
-    on as `snapshots/phase-<name>`."""
+    the last report of a phase is the next phase's step 0, and the finished phase's model is saved
+    to `<run>/phases/<name>/`."""
     import torch
 
     torch.set_num_threads(config["threads"])
@@ -420,9 +420,10 @@ def _train_phase(phases: list[dict], index: int, streams: dict, counts: dict, sn
                 ctx.progress(f"{prefix} step {done_steps}/{steps}  loss {entry['loss']:.4f}  "
                              f"{entry['busy_s'] / n:.3f}s/step")
         if done_steps == steps and not last_phase:
-            # the phase's end is the next phase's start: its model (kept as a snapshot), step 0, no optimizer
-            save_model(engine, model, snapshots / f"phase-{prefix}")
+            # the phase's end is the next phase's start: its model (kept beside the run), step 0, no optimizer
             record = {k: v for k, v in state(steps).items() if k not in ("phase", "done")}
+            record["model"] = str(Path(config["run_dir"]) / "phases" / prefix)
+            save_model(engine, model, Path(record["model"]))
             nxt = {"phase": index + 1, "name": phases[index + 1].get("log_prefix", "train"), "step": 0,
                    "history": [], "resumes": [], "data": {}, "done": done + [record]}
             report({"step": steps, "loss": history[-1]["loss"] if history else float("nan")},
@@ -435,7 +436,8 @@ def _train_phase(phases: list[dict], index: int, streams: dict, counts: dict, sn
 
 
 def phase_states(state: dict) -> dict[str, dict]:
-    """A finished run's `state.json` → {phase name: its history, resumes, data, step}, in order."""
+    """A finished run's `state.json` → {phase name: its history, resumes, data, step and, for all
+    but the last, `model`: the folder of its final model}, in order."""
     current = {k: v for k, v in state.items() if k not in ("phase", "done")}
     return {r["name"]: r for r in [*state.get("done", []), current]}
 
@@ -572,10 +574,15 @@ def _gathered(engine, model):
 
 
 def save_model(engine, model, folder: Path) -> None:
-    """Rank 0 saves the whole model as an HF folder. Every rank must call it (ZeRO-3 gathers)."""
+    """Rank 0 saves the whole model as an HF folder (whole or not at all: written beside, then
+    renamed). Every rank must call it (ZeRO-3 gathers)."""
     with _gathered(engine, model):
         if world()[0] == 0:
-            model.save_pretrained(folder)
+            tmp = folder.with_name(f".tmp-{folder.name}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            model.save_pretrained(tmp)
+            shutil.rmtree(folder, ignore_errors=True)
+            tmp.rename(folder)
 
 
 def full_weights(engine, model) -> dict:

@@ -48,10 +48,10 @@ def run(cfg: Any, inputs: dict, ctx: Any) -> dict[str, str]:
                                    for i, (phase, steps) in enumerate(phases)])
     folder, state = training.train(ctx, spec, inputs, a)  # one Ray Train run: the phases share its workers
     records = training.phase_states(state)
-    trained = {phases[-1][0]: folder / "model"} | {name: folder / "snapshots" / f"phase-{name}" for name, _ in phases[:-1]}
+    trained = {name: Path(r["model"]) for name, r in records.items() if "model" in r} | {phases[-1][0]: folder / "model"}
     for phase, model_dir in trained.items():
         target = out / ("checkpoint" if phase == phases[-1][0] else f"checkpoint-{phase}")
-        shutil.move(str(model_dir), target)
+        shutil.copytree(model_dir, target)
         carry_files(source, target)
         (target / "unislim.json").write_text(json.dumps({"description": f"adapt:{phase}:{_source_description(source)}",
                                                          "stage": "adapt"}))

@@ -99,7 +99,9 @@ def test_a_worker_death_resumes_from_the_last_checkpoint(adapt_run):
     (train_run,) = (runs / "ray_train").glob("adapt-*")  # both phases in one Ray Train run
     last = sorted(p for p in train_run.glob("checkpoint_*") if p.is_dir())[-1]
     assert {p.name for p in last.glob("engine-rank*.pt")} == {"engine-rank0.pt", "engine-rank1.pt"}
-    assert json.loads((last / "state.json").read_text())["phase"] == 1 and (last / "snapshots" / "phase-eft").is_dir()
+    assert json.loads((last / "state.json").read_text())["phase"] == 1 and not (last / "snapshots").exists()
+    eft = train_run / "phases" / "eft"  # the EFT model, saved once beside the checkpoints
+    assert load_file(eft / "model.safetensors").keys() == load_file(last / "model" / "model.safetensors").keys()
     client = MlflowClient(result.tracking_uri)
     run = client.search_runs([result.experiment_id], filter_string="tags.`unislim.stage` = 'adapt'")[0]
     losses = client.get_metric_history(run.info.run_id, "moe/loss")
