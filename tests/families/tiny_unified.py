@@ -180,10 +180,16 @@ def write_rows(path: str | Path, kind: str, n: int, seed: int = 0) -> Path:
     return path
 
 
-def trained(kind: str, path: str | Path, steps: int = 60, seed: int = 0, batch: int = 8) -> Path:
+def trained(kind: str, path: str | Path, steps: int = 200, seed: int = 0, batch: int = 8,
+            n_batches: int = 40) -> Path:
     """A tiny random `kind` ("janus" | "emu3") saved to `path`, then trained for `steps` AdamW steps
-    on answer + image-token NLL of digits rows (a few fixed batches, cycled), so that held-out NLL
-    means something to lose: pruning has knowledge to remove. Saved over the random weights."""
+    on answer + image-token NLL of digits rows (`n_batches` fixed batches, cycled), so that held-out
+    NLL means something to lose: pruning has knowledge to remove. Saved over the random weights.
+
+    The default steps are what it takes for held-out image-token NLL to fall well below the uniform
+    ln 32 = 3.47 (2026-12-01: Janus 2.70 after 200, Emu3 1.49 after 200), so that 90% pruning
+    raises it by over 10% (Janus +22%, Emu3 +18%). With 60 steps on 4 batches Janus stayed at 3.36
+    and rose only 8.5%; Emu3 after 100 steps rose 8.4%."""
     from unislim.modeling.families import get_family
     from unislim.pipelines.training import make_optimizer
 
@@ -191,7 +197,7 @@ def trained(kind: str, path: str | Path, steps: int = 60, seed: int = 0, batch: 
     family = get_family(kind)
     model = family.load(path).train()
     batches = [family.collate({"und": digits_rows("und", batch, seed=100 + i), "gen": digits_rows("gen", batch, seed=200 + i)},
-                              torch.Generator().manual_seed(i), model.config) for i in range(4)]
+                              torch.Generator().manual_seed(i), model.config) for i in range(n_batches)]
     optimizer, scheduler = make_optimizer(model, 3e-3, steps, warmup_steps=5)
     for step in range(steps):
         loss, _ = family.loss(model, batches[step % len(batches)])

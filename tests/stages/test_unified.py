@@ -153,7 +153,7 @@ def test_accelerate_measures_each_technique_and_says_why_the_head_cache_does_not
 
 
 def test_pruning_90_percent_of_the_neurons_raises_both_nlls(unified_run, tmp_path):
-    """90% of the LM's MLP neurons gone: held-out answer NLL rises by over 10%, image-token NLL by over 5%."""
+    """90% of the LM's MLP neurons gone: held-out answer NLL and image-token NLL both rise by over 10%."""
     from tests.conftest import stage_config
     from unislim.pipelines.context import StageContext
     from unislim.pipelines.store import Artifact
@@ -170,7 +170,7 @@ def test_pruning_90_percent_of_the_neurons_raises_both_nlls(unified_run, tmp_pat
     base = json.loads((out["evaluate"] / "metrics.json").read_text())
     metrics = evaluate_checkpoint(tmp_path / "checkpoint", source=source, heldout=out["shard"] / "heldout",
                                   model_cfg=cfg.model, n_gen=1, progress=lambda m: None)
-    # Image tokens of a model trained for seconds sit near the uniform NLL, so they have less to lose:
-    # 2026-12-01, Janus: gen 3.36 -> 3.64 (+8.5%).
-    for task, rise in (("und", 1.10), ("gen", 1.05)):
-        assert metrics[f"nll/{task}"] > rise * base[f"nll/{task}"], (task, metrics[f"nll/{task}"], base[f"nll/{task}"])
+    # 2026-12-01 (models of `trained`, 200 steps): Janus und 0.81 -> 1.73, gen 2.70 -> 3.30 (+22%);
+    # Emu3 und 0.69 -> 3.01, gen 1.49 -> 1.76 (+18%).
+    for task in ("und", "gen"):
+        assert metrics[f"nll/{task}"] > 1.10 * base[f"nll/{task}"], (task, metrics[f"nll/{task}"], base[f"nll/{task}"])
