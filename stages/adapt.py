@@ -51,7 +51,8 @@ def run(cfg: Any, inputs: dict, ctx: Any) -> dict[str, str]:
     trained = {name: Path(r["model"]) for name, r in records.items() if "model" in r} | {phases[-1][0]: folder / "model"}
     for phase, model_dir in trained.items():
         target = out / ("checkpoint" if phase == phases[-1][0] else f"checkpoint-{phase}")
-        shutil.copytree(model_dir, target)
+        # the last phase's model is the run's temp copy: moved; an earlier phase's stays beside the run
+        (shutil.move if phase == phases[-1][0] else shutil.copytree)(str(model_dir), target)
         carry_files(source, target)
         (target / "unislim.json").write_text(json.dumps({"description": f"adapt:{phase}:{_source_description(source)}",
                                                          "stage": "adapt"}))
