@@ -331,19 +331,19 @@ def train_loop_per_worker(config: dict) -> None:
     for _ in range(sum(p["steps"] for p in phases[:first]) + (saved["step"] if saved else 0)):
         for s in streams.values():
             next(s)
-    done, weights = (saved or {}).get("done", []), None
+    done, handoff = (saved or {}).get("done", []), []  # handoff: the last phase's weights, taken by the next
     for index in range(first, len(phases)):
-        record, weights = _train_phase(phases, index, streams, counts, snapshots, done, weights,
-                                       restarted=saved is not None)
-        done = done + [record]
+        done = done + [_train_phase(phases, index, streams, counts, snapshots, done, handoff,
+                                    restarted=saved is not None)]
     shutil.rmtree(snapshots, ignore_errors=True)
 
 
 def _train_phase(phases: list[dict], index: int, streams: dict, counts: dict, snapshots: Path, done: list,
-                 weights: dict | None, *, restarted: bool) -> tuple[dict, dict | None]:
-    """Phase `index` of one worker: from `weights` (the previous phase's, in this process) or the
-    run's last checkpoint or the spec's init. Returns (its record: name, history, resumes, data,
-    and the trained weights when another phase follows)."""
+                 handoff: list, *, restarted: bool) -> dict:
+    """Phase `index` of one worker: from the weights in `handoff` (the previous phase's, in this
+    process; taken out, so they are freed once loaded) or the run's last checkpoint or the spec's
+    init. Returns its record (name, step, history, resumes, data); when another phase follows, it
+    leaves its trained weights in `handoff`."""
     import itertools
 
     import torch
@@ -367,19 +367,21 @@ def _train_phase(phases: list[dict], index: int, streams: dict, counts: dict, sn
     model.train()
     optimizer, scheduler = make_optimizer(model, config["lr"], steps, config["warmup_steps"],
                                           router_lr=config.get("router_lr"))
-    engine, start, history, resumes = resume_deepspeed(model, optimizer, scheduler, phase=index, weights=weights,
+    engine, start, history, resumes = resume_deepspeed(model, optimizer, scheduler, phase=index,
+                                                       weights=handoff.pop() if handoff else None,
                                                        zero_stage=config["zero_stage"],
                                                        micro_batch_size=config["batch_size"] // world_size)
-    del weights
     if rank == 0:
         ctx.progress(f"{prefix}: {world_size} worker(s) ready (model, data shards, DeepSpeed ZeRO-{config['zero_stage']})"
                      + (f"; phase {index + 1} of {len(phases)}" if len(phases) > 1 else "")
                      + (f"; resumed from step {start}" if resumes and resumes[-1] == start else ""))
     dtype = next(engine.module.parameters()).dtype
 
+    def record(step: int) -> dict:
+        return {"name": prefix, "step": step, "history": history, "resumes": resumes, "data": data}
+
     def state(step: int) -> dict:
-        return {"phase": index, "name": prefix, "step": step, "history": history, "resumes": resumes, "data": data,
-                "done": done}
+        return {"phase": index, **record(step), "done": done}
 
     offset = config.get("step_offset", 0)
     sums: dict[str, float] = {}
@@ -420,19 +422,25 @@ def _train_phase(phases: list[dict], index: int, streams: dict, counts: dict, sn
                 ctx.progress(f"{prefix} step {done_steps}/{steps}  loss {entry['loss']:.4f}  "
                              f"{entry['busy_s'] / n:.3f}s/step")
         if done_steps == steps and not last_phase:
-            # the phase's end is the next phase's start: its model (kept beside the run), step 0, no optimizer
-            record = {k: v for k, v in state(steps).items() if k not in ("phase", "done")}
-            record["model"] = str(Path(config["run_dir"]) / "phases" / prefix)
-            save_model(engine, model, Path(record["model"]))
+            # the phase's end is the next phase's start (step 0, no optimizer state); its model is also
+            # kept beside the run, copied from the checkpoint's rather than gathered and saved again
+            finished = {**record(steps), "model": str(Path(config["run_dir"]) / "phases" / prefix)}
             nxt = {"phase": index + 1, "name": phases[index + 1].get("log_prefix", "train"), "step": 0,
-                   "history": [], "resumes": [], "data": {}, "done": done + [record]}
-            report({"step": steps, "loss": history[-1]["loss"] if history else float("nan")},
-                   write=lambda f: save_deepspeed(f, engine, model, nxt, snapshots), all_ranks=True)
-            return record, full_weights(engine, model)
+                   "history": [], "resumes": [], "data": {}, "done": done + [finished]}
+
+            def write(folder: Path) -> None:
+                save_deepspeed(folder, engine, model, nxt, snapshots)
+                if rank == 0:
+                    _publish(Path(finished["model"]), lambda tmp: shutil.copytree(folder / "model", tmp))
+
+            report({"step": steps, "loss": history[-1]["loss"] if history else float("nan")}, write=write,
+                   all_ranks=True)
+            handoff.append(full_weights(engine, model))
+            return finished
         if done_steps % config["checkpoint_every"] == 0 or done_steps == steps:
             report({"step": done_steps, "loss": history[-1]["loss"] if history else float("nan")},
                    write=lambda f: save_deepspeed(f, engine, model, state(done_steps), snapshots), all_ranks=True)
-    return {k: v for k, v in state(steps).items() if k not in ("phase", "done")}, None
+    return record(steps)
 
 
 def phase_states(state: dict) -> dict[str, dict]:
@@ -573,16 +581,21 @@ def _gathered(engine, model):
     return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
 
 
+def _publish(folder: Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` beside `folder`, then renamed over it: the folder is whole or absent."""
+    tmp = folder.with_name(f".tmp-{folder.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+
+
 def save_model(engine, model, folder: Path) -> None:
-    """Rank 0 saves the whole model as an HF folder (whole or not at all: written beside, then
-    renamed). Every rank must call it (ZeRO-3 gathers)."""
+    """Rank 0 saves the whole model as an HF folder (whole or not at all). Every rank must call it
+    (ZeRO-3 gathers)."""
     with _gathered(engine, model):
         if world()[0] == 0:
-            tmp = folder.with_name(f".tmp-{folder.name}")
-            shutil.rmtree(tmp, ignore_errors=True)
-            model.save_pretrained(tmp)
-            shutil.rmtree(folder, ignore_errors=True)
-            tmp.rename(folder)
+            _publish(folder, model.save_pretrained)
 
 
 def full_weights(engine, model) -> dict:
